@@ -1,0 +1,276 @@
+"""The one typed configuration tree of elas-megatron.
+
+Every run is described by a :class:`Config`; YAML files under ``configs/`` and ``section.key=value``
+overrides are parsed into it by :mod:`elas_megatron.config.loader`. Fields carry their documentation as
+the string literal right under them. Single-field range checks live in ``__post_init__``; rules that tie
+several sections together live in :func:`validate`. Errors name the config path, the value received and
+the fix, because a typo in a 64-node job should cost seconds, not a queue slot.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+Variant = Literal["dense", "cola", "elas"]
+
+
+class ConfigError(ValueError):
+    """A configuration value is wrong; the message names the key, the value and the fix."""
+
+
+def _check(cond: bool, key: str, value: object, expected: str) -> None:
+    if not cond:
+        raise ConfigError(f"{key}={value!r} is invalid: expected {expected}")
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    variant: Variant = "elas"
+    """dense: full-rank LLaMA (SwiGLU FFN); cola: every linear is sigma(x A) B (arXiv 2502.10940);
+    elas: cola with the non-gated squared-ReLU FFN whose activations are 2:4 sparse (arXiv 2605.03667)."""
+    hidden_size: int = 512
+    num_layers: int = 8
+    num_heads: int = 8
+    num_kv_heads: int | None = None
+    """Grouped-query attention: number of key/value heads (None = num_heads, i.e. multi-head attention)."""
+    ffn_hidden_size: int = 1376
+    """d_ff. For elas it must be a multiple of 4 * parallel.tp, so that 2:4 groups never straddle a TP shard."""
+    rank: int = 128
+    """Low-rank factor width r of cola/elas linear layers (A: [in, r], B: [r, out])."""
+    attention_rank: int | None = None
+    """Rank of the attention projections (None = model.rank)."""
+    lowrank_attention: bool = True
+    """cola/elas: make q, k, v, o low-rank too. False keeps attention full-rank."""
+    lowrank_activation: Literal["silu", "identity"] = "silu"
+    """sigma in sigma(x A) B: silu is CoLA's default; identity gives plain low-rank factorisation."""
+    sparse24: bool = True
+    """elas: apply the 2:4 activation sparsity. False computes the same network dense (ablation baseline)."""
+    sparse24_grad: Literal["masked", "dense"] = "masked"
+    """elas backward through sparse24: masked = straight-through to the kept entries only (the exact gradient
+    of the sparsified function); dense = the masked-dense alternative, the gradient of y2 passes to all entries."""
+    dense_warmup_steps: int = 0
+    """elas: train this many first steps without sparsification (the same network computed dense)."""
+    vocab_size: int | None = None
+    """None = taken from the tokenizer. Set it to pad the vocabulary (e.g. to a multiple of 128)."""
+    rope_base: float = 10000.0
+    norm_eps: float = 1e-5
+    init_std: float = 0.02
+    """Std of the full-rank weights (embeddings, dense linears). Low-rank factors use CoLA's init."""
+    spec: Literal["local", "te"] = "local"
+    """Megatron-Core layer spec: local (pure PyTorch, runs on CPU) or te (Transformer Engine, GPU only)."""
+    attention_backend: Literal["auto", "local", "sdpa"] = "auto"
+    """Core attention: megatron-core's unfused local attention, or torch SDPA (flash/cuDNN kernels).
+    auto = sdpa on CUDA, local on CPU."""
+
+    def __post_init__(self) -> None:
+        for key in ("hidden_size", "num_layers", "num_heads", "ffn_hidden_size", "rank"):
+            value = getattr(self, key)
+            _check(value >= 1, f"model.{key}", value, "a positive integer")
+        _check(self.hidden_size % self.num_heads == 0, "model.hidden_size", self.hidden_size,
+               f"a multiple of model.num_heads={self.num_heads}")
+        if self.num_kv_heads is not None:
+            _check(self.num_kv_heads >= 1 and self.num_heads % self.num_kv_heads == 0, "model.num_kv_heads",
+                   self.num_kv_heads, f"a divisor of model.num_heads={self.num_heads}")
+        if self.attention_rank is not None:
+            _check(self.attention_rank >= 1, "model.attention_rank", self.attention_rank, "a positive integer")
+        _check(self.dense_warmup_steps >= 0, "model.dense_warmup_steps", self.dense_warmup_steps, ">= 0")
+        if self.vocab_size is not None:
+            _check(self.vocab_size >= 2, "model.vocab_size", self.vocab_size, ">= 2 or null")
+        _check(self.init_std > 0, "model.init_std", self.init_std, "> 0")
+        _check(self.norm_eps > 0, "model.norm_eps", self.norm_eps, "> 0")
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_kv_heads or self.num_heads
+
+    @property
+    def attn_rank(self) -> int:
+        return self.attention_rank or self.rank
+
+
+@dataclass(kw_only=True)
+class ParallelConfig:
+    tp: int = 1
+    """Tensor-parallel size."""
+    pp: int = 1
+    """Pipeline-parallel size."""
+    vpp: int | None = None
+    """Virtual pipeline stages per rank (interleaved 1F1B); None = plain 1F1B."""
+    sequence_parallel: bool = False
+    """Megatron sequence parallelism (needs tp > 1)."""
+    first_stage_layers: int | None = None
+    """Transformer layers on the first pipeline stage (None = even split)."""
+    last_stage_layers: int | None = None
+    """Transformer layers on the last pipeline stage (None = even split)."""
+    optimizer: Literal["megatron", "deepspeed"] = "megatron"
+    """Data-parallel optimizer backend: Megatron-Core DDP + (distributed) optimizer, or DeepSpeed ZeRO."""
+    zero_stage: int = 0
+    """0 = replicated optimizer state. megatron: >= 1 uses the distributed optimizer (states and grads sharded).
+    deepspeed: the ZeRO stage (0-3)."""
+    recompute: Literal["none", "full", "selective", "ffn"] = "none"
+    """Activation checkpointing: none; full = whole transformer layers; selective = megatron's core-attention
+    recompute; ffn = only the FFN (the largest activations of cola/elas)."""
+    distributed_timeout_s: int = 600
+    """Timeout of process-group initialisation and collectives."""
+
+    def __post_init__(self) -> None:
+        for key in ("tp", "pp"):
+            _check(getattr(self, key) >= 1, f"parallel.{key}", getattr(self, key), "a positive integer")
+        if self.vpp is not None:
+            _check(self.vpp >= 1, "parallel.vpp", self.vpp, "a positive integer or null")
+        _check(0 <= self.zero_stage <= 3, "parallel.zero_stage", self.zero_stage, "0, 1, 2 or 3")
+        _check(not self.sequence_parallel or self.tp > 1, "parallel.sequence_parallel", self.sequence_parallel,
+               "false when parallel.tp=1 (sequence parallelism shards along the TP group)")
+        _check(self.distributed_timeout_s > 0, "parallel.distributed_timeout_s", self.distributed_timeout_s, "> 0")
+
+
+@dataclass(kw_only=True)
+class OptimConfig:
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1
+    """Cosine decay floor, as a fraction of optim.lr."""
+    warmup_steps: int | None = None
+    """Linear warm-up steps; None = optim.warmup_fraction * train.steps."""
+    warmup_fraction: float = 0.1
+    weight_decay: float = 0.01
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    clip_grad: float = 1.0
+    """Global grad-norm clip (0 disables)."""
+
+    def __post_init__(self) -> None:
+        _check(self.lr > 0, "optim.lr", self.lr, "> 0")
+        _check(0 <= self.min_lr_ratio <= 1, "optim.min_lr_ratio", self.min_lr_ratio, "in [0, 1]")
+        _check(0 <= self.warmup_fraction < 1, "optim.warmup_fraction", self.warmup_fraction, "in [0, 1)")
+        if self.warmup_steps is not None:
+            _check(self.warmup_steps >= 0, "optim.warmup_steps", self.warmup_steps, ">= 0")
+        _check(self.weight_decay >= 0, "optim.weight_decay", self.weight_decay, ">= 0")
+        _check(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "optim.beta1/beta2", (self.beta1, self.beta2),
+               "values in [0, 1)")
+        _check(self.clip_grad >= 0, "optim.clip_grad", self.clip_grad, ">= 0 (0 disables clipping)")
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    tokenizer: str = "data/demo/tokenizer.model"
+    """Sentencepiece model file (relative paths resolve against the current directory)."""
+    train_prefixes: list[str] = field(default_factory=lambda: ["data/demo/tokens/demo_text_document"])
+    """Megatron indexed-dataset prefixes (path without .bin/.idx). Several prefixes are blended."""
+    train_weights: list[float] | None = None
+    """Blend weights of train_prefixes (None = proportional to size)."""
+    valid_prefixes: list[str] | None = None
+    """Separate validation prefixes (e.g. C4's validation shards); None = carve valid out of train by data.split."""
+    split: str = "98,2,0"
+    """train,valid,test split of train_prefixes when valid_prefixes is None."""
+    cache_dir: str | None = None
+    """Where GPTDataset caches its index files (None = next to the run directory)."""
+
+    def __post_init__(self) -> None:
+        _check(len(self.train_prefixes) >= 1, "data.train_prefixes", self.train_prefixes, "at least one prefix")
+        if self.train_weights is not None:
+            _check(len(self.train_weights) == len(self.train_prefixes) and all(w > 0 for w in self.train_weights),
+                   "data.train_weights", self.train_weights, "one positive weight per data.train_prefixes entry")
+        parts = self.split.split(",")
+        ok = len(parts) == 3 and all(p.strip().replace(".", "", 1).isdigit() for p in parts)
+        _check(ok, "data.split", self.split, "three comma-separated non-negative numbers, e.g. '98,2,0'")
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    steps: int = 1000
+    global_batch: int = 64
+    """Sequences per optimizer step, over all data-parallel ranks and micro-batches."""
+    micro_batch: int = 8
+    """Sequences per forward/backward on one data-parallel rank."""
+    seq_len: int = 256
+    seed: int = 1234
+    run_dir: str = "runs/default"
+    """metrics.jsonl, the resolved config and checkpoints/ go here."""
+    dtype: Literal["auto", "fp32", "bf16"] = "auto"
+    """auto = bf16 on CUDA, fp32 on CPU."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    eval_every: int = 0
+    """Validation perplexity every N steps (0 = only at the end)."""
+    eval_iters: int = 10
+    """Validation micro-batches per evaluation."""
+
+    def __post_init__(self) -> None:
+        for key in ("steps", "global_batch", "micro_batch", "seq_len", "eval_iters"):
+            _check(getattr(self, key) >= 1, f"train.{key}", getattr(self, key), "a positive integer")
+        _check(self.eval_every >= 0, "train.eval_every", self.eval_every, ">= 0")
+
+
+@dataclass(kw_only=True)
+class CheckpointConfig:
+    every: int = 0
+    """Save every N steps (0 = only at the end)."""
+    keep_last: int = 3
+    """Keep the newest K step checkpoints (0 = keep all)."""
+    dir: str | None = None
+    """None = {train.run_dir}/checkpoints."""
+    save_final: bool = True
+
+    def __post_init__(self) -> None:
+        _check(self.every >= 0, "checkpoint.every", self.every, ">= 0")
+        _check(self.keep_last >= 0, "checkpoint.keep_last", self.keep_last, ">= 0")
+
+
+@dataclass(kw_only=True)
+class LogConfig:
+    every: int = 1
+    """Console/JSONL log interval in steps."""
+    level: Literal["debug", "info", "warning"] = "info"
+
+    def __post_init__(self) -> None:
+        _check(self.every >= 1, "log.every", self.every, "a positive integer")
+
+
+@dataclass(kw_only=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+
+def validate(cfg: Config, world_size: int | None = None) -> None:
+    """Cross-section rules. ``world_size`` (when known) checks the parallel layout against it."""
+    m, p, t = cfg.model, cfg.parallel, cfg.train
+    _check(m.num_heads % p.tp == 0, "model.num_heads", m.num_heads, f"divisible by parallel.tp={p.tp}")
+    _check(m.kv_heads % p.tp == 0, "model.num_kv_heads", m.kv_heads, f"divisible by parallel.tp={p.tp}")
+    if m.variant == "elas":
+        if m.ffn_hidden_size % (4 * p.tp) != 0:
+            lo = m.ffn_hidden_size - m.ffn_hidden_size % (4 * p.tp)
+            raise ConfigError(
+                f"model.ffn_hidden_size={m.ffn_hidden_size} is invalid for elas with parallel.tp={p.tp}: 2:4 groups "
+                f"need d_ff / tp to be a multiple of 4; use {lo} or {lo + 4 * p.tp}")
+    else:
+        _check(m.ffn_hidden_size % p.tp == 0, "model.ffn_hidden_size", m.ffn_hidden_size,
+               f"divisible by parallel.tp={p.tp}")
+    if m.variant == "dense":
+        _check(m.dense_warmup_steps == 0, "model.dense_warmup_steps", m.dense_warmup_steps, "0 unless variant=elas")
+    layers_per_chunk = p.pp * (p.vpp or 1)
+    if p.first_stage_layers is None and p.last_stage_layers is None:
+        _check(m.num_layers % layers_per_chunk == 0, "model.num_layers", m.num_layers,
+               f"divisible by parallel.pp * parallel.vpp = {layers_per_chunk} (or set parallel.first_stage_layers/"
+               "last_stage_layers)")
+    if p.vpp is not None:
+        _check(p.pp > 1, "parallel.vpp", p.vpp, "null when parallel.pp=1 (virtual stages need a pipeline)")
+    _check(t.global_batch % t.micro_batch == 0, "train.global_batch", t.global_batch,
+           f"a multiple of train.micro_batch={t.micro_batch}")
+    if p.optimizer == "deepspeed":
+        _check(p.pp == 1 or p.zero_stage <= 1, "parallel.zero_stage", p.zero_stage,
+               "0 or 1 with pipeline parallelism (ZeRO-2/3 partition gradients, which the pipeline schedule owns)")
+    if world_size is not None:
+        model_parallel = p.tp * p.pp
+        if world_size % model_parallel != 0:
+            raise ConfigError(f"world size {world_size} is not divisible by parallel.tp * parallel.pp = "
+                              f"{model_parallel}; launch a multiple of {model_parallel} processes or change the layout")
+        dp = world_size // model_parallel
+        if t.global_batch % (t.micro_batch * dp) != 0:
+            raise ConfigError(f"train.global_batch={t.global_batch} is not divisible by train.micro_batch * "
+                              f"data-parallel size = {t.micro_batch} * {dp}; change one of them")

@@ -1,0 +1,1 @@
+"""Compute kernels of the ELAS FFN core: the plain-PyTorch reference and (on CUDA) fused GPU paths."""
