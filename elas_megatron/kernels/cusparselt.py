@@ -1,0 +1,76 @@
+# SPDX-License-Identifier: Apache-2.0
+"""cuSPARSELt (through PyTorch's ``torch._cslt_*`` ops): the 2:4 sparse-tensor-core GEMM ``s @ W`` of the ELAS
+forward (arXiv 2605.03667, Sec. 3), with the capability checks and a per-shape algorithm choice.
+
+The sparse operand is the activation ``s [T, F]`` (2:4 along F, the GEMM's K), already compressed by
+:func:`elas_megatron.kernels.triton_sparse24.relu2_sparse24_compress` in cuSPARSELt's own format, so no
+``torch._cslt_compress`` pass is needed. Only 16-bit dtypes (fp32 uses 1:2 sparsity in cuSPARSELt, not 2:4).
+"""
+from __future__ import annotations
+
+import functools
+import logging
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["cusparselt_unavailable_reason", "cslt_mm", "cslt_search_alg_id", "CsltConfig"]
+
+
+@functools.lru_cache(maxsize=None)
+def _device_reason(device_index: int) -> str | None:
+    major, minor = torch.cuda.get_device_capability(device_index)
+    if major < 8:
+        return f"2:4 sparse tensor cores need sm80 or newer, device {device_index} is sm{major}{minor}"
+    return None
+
+
+def cusparselt_unavailable_reason(device: torch.device | None = None) -> str | None:
+    """``None`` when cuSPARSELt's 2:4 GEMM can run on ``device``, else why not (for logs and errors)."""
+    if not torch.cuda.is_available():
+        return "no CUDA"
+    if not hasattr(torch, "_cslt_sparse_mm"):
+        return f"this PyTorch build ({torch.__version__}) has no torch._cslt_sparse_mm"
+    backend = getattr(torch.backends, "cusparselt", None)
+    if backend is None or not backend.is_available():
+        return f"this PyTorch build ({torch.__version__}) was built without cuSPARSELt"
+    index = torch.cuda.current_device() if device is None or device.index is None else device.index
+    return _device_reason(index)
+
+
+class CsltConfig:
+    """How to call cuSPARSELt for one shape: algorithm id, dense operand order, result order."""
+
+    __slots__ = ("alg_id", "weight_col_major", "transpose_result")
+
+    def __init__(self, alg_id: int = 0, weight_col_major: bool = False, transpose_result: bool = False):
+        self.alg_id, self.weight_col_major, self.transpose_result = alg_id, weight_col_major, transpose_result
+
+    def __repr__(self) -> str:
+        return (f"CsltConfig(alg_id={self.alg_id}, weight_col_major={self.weight_col_major}, "
+                f"transpose_result={self.transpose_result})")
+
+
+def _dense_operand(weight: torch.Tensor, cfg: CsltConfig) -> torch.Tensor:
+    # cuSPARSELt reads B row-major when it is contiguous and as op(B)=B^T of a row-major [n, k] otherwise.
+    return weight.t().contiguous().t() if cfg.weight_col_major else weight.contiguous()
+
+
+def cslt_mm(buffer: torch.Tensor, weight: torch.Tensor, cfg: CsltConfig | None = None) -> torch.Tensor:
+    """``s @ weight`` with ``s`` in cuSPARSELt's compressed ``buffer`` (``[m, k]``, k = ``weight.shape[0]``).
+
+    Returns:
+        ``[m, n]`` (a transposed view when ``cfg.transpose_result``).
+    """
+    cfg = cfg or CsltConfig()
+    out = torch._cslt_sparse_mm(buffer, _dense_operand(weight, cfg), alg_id=cfg.alg_id,
+                                transpose_result=cfg.transpose_result)
+    return out.t() if cfg.transpose_result else out
+
+
+def cslt_search_alg_id(buffer: torch.Tensor, weight: torch.Tensor, cfg: CsltConfig) -> int:
+    """cuSPARSELt's own algorithm search for this shape (``torch._cslt_sparse_mm_search``)."""
+    found = torch._cslt_sparse_mm_search(buffer, _dense_operand(weight, cfg),
+                                         transpose_result=cfg.transpose_result)
+    return int(found[0] if isinstance(found, (tuple, list)) else found)

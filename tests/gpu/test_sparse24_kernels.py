@@ -1,0 +1,186 @@
+# SPDX-License-Identifier: Apache-2.0
+"""GPU path of the ELAS sparse core vs the plain-PyTorch reference: pattern, compressed bytes, cuSPARSELt layout,
+values and gradients, for fp32/bf16/fp16 and odd shapes (rows not a multiple of 128, features not of 16/128).
+
+Run on a CUDA machine: ``python -m pytest tests/gpu -m gpu -q``. Skipped without CUDA (tests/conftest.py).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from elas_megatron.kernels import layout as L
+from elas_megatron.kernels.dispatch import KernelUnavailableError, relu2_sparse24_matmul
+from elas_megatron.kernels.reference import relu2_sparse24_matmul_reference
+from elas_megatron.sparsity.masks import sparse24_mask
+
+pytestmark = pytest.mark.gpu
+
+tk = pytest.importorskip("elas_megatron.kernels.triton_sparse24")
+if not tk.HAS_TRITON:  # pragma: no cover
+    pytest.skip("no triton", allow_module_level=True)
+
+from elas_megatron.kernels import cusparselt as cslt  # noqa: E402
+from elas_megatron.kernels.elas_core import plan_cache  # noqa: E402
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+# One tolerance table for outputs and gradients (inputs are scaled so that every result is O(1)).
+TOL = {torch.float32: dict(rtol=1e-4, atol=1e-4), torch.bfloat16: dict(rtol=2e-2, atol=2e-2),
+       torch.float16: dict(rtol=5e-3, atol=5e-3)}
+SHAPES = [(1000, 256, 64), (130, 100, 24), (2, 333, 512, 96), (4096 + 7, 704, 128)]
+_INT_VIEW = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
+
+
+def _needs_cslt(dtype):
+    reason = cslt.cusparselt_unavailable_reason()
+    if reason is not None:
+        pytest.skip(f"needs cuSPARSELt: {reason}")
+    if dtype == torch.float32:
+        pytest.skip("cuSPARSELt 2:4 is for 16-bit dtypes")
+
+
+def _y1(rows, cols, dtype, seed=0, specials=True):
+    """Random y1 with ties inside groups, all-zero / all-negative groups and equal magnitudes across signs."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    y = torch.randn(rows, cols, device="cuda", generator=g)
+    if specials and rows >= 4 and cols >= 16:
+        y[0, :16] = torch.tensor([1, 1, 1, 1, 0, 0, 0, 0, -1, -2, -3, -4, 2, 3, 3, 2.0])
+        y[1, :8] = torch.tensor([0.5, -0.5, 0.5, 0.25, 0, 0, 0, 1e-30])
+        y[2::3, 4::8] = y[2::3, 5::8]                     # ties between neighbours, many rows
+        y[3, :] = y[3, :].abs().round()                    # many exact ties (0, 1, 2 ...)
+    return y.to(dtype)
+
+
+def _bits(x):
+    return x.contiguous().view(_INT_VIEW[x.dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows,cols", [(1000, 256), (130, 100), (257, 5632 // 8)])
+@pytest.mark.parametrize("layout", ["rowmajor", "cusparselt"])
+def test_compress_is_bit_exact(dtype, rows, cols, layout):
+    if layout == "cusparselt" and dtype == torch.float32:
+        pytest.skip("cuSPARSELt layout is for 16-bit dtypes")
+    y = _y1(rows, cols, dtype)
+    c, dense = tk.relu2_sparse24_compress(y, layout=layout, write_dense=True)
+    r = torch.relu(y)
+    mask = sparse24_mask(r)
+    s_ref = r * r * mask
+    # Dense outputs (fused write and decompression) are bit-identical to the reference s.
+    assert torch.equal(_bits(dense), _bits(s_ref))
+    assert torch.equal(_bits(tk.sparse24_decompress(c)), _bits(s_ref))
+    # Pattern: the stored codes are exactly the reference mask's kept indices; values bit-exact.
+    cols16 = -(-cols // 16) * 16
+    y_pad = torch.nn.functional.pad(y, (0, cols16 - cols))
+    vals_ref, words_ref = L.compress_reference(y_pad)
+    if layout == "rowmajor":
+        vals, words = c.vals, c.meta
+    else:
+        vals, words = L.unpack_cslt_buffer(c.buffer, c.rows_pad, c.cols_pad)
+        assert c.buffer.numel() == c.rows_pad * c.cols_pad * 9 // 16
+        # Padding rows/features are zeros with the code of "keep {0, 1}" (0x4444 per word).
+        assert bool((vals[rows:] == 0).all()) and bool((words[rows:] == 0x4444).all())
+        vals, words = vals[:rows, : cols16 // 2], words[:rows, : cols16 // 16]
+    assert torch.equal(words, words_ref)
+    assert torch.equal(_bits(vals), _bits(vals_ref))
+    nib = L.words_to_nibbles(words)[:, : cols // 4]
+    i0, i1 = L.kept_indices(mask)
+    assert torch.equal(nib & 3, i0) and torch.equal(nib >> 2, i1)
+    # The 2:4 invariant on its own: at most 2 non-zeros in every group of 4.
+    assert int((s_ref.reshape(rows, -1, 4) != 0).sum(-1).max()) <= 2
+
+
+def test_nan_is_kept_and_propagates():
+    y = _y1(64, 64, torch.bfloat16, specials=False)
+    y[5, 8:12] = torch.tensor([float("nan"), 1.0, 2.0, 3.0], dtype=torch.bfloat16)
+    c, dense = tk.relu2_sparse24_compress(y, write_dense=True)
+    assert torch.isnan(dense[5, 8]) and dense[5, 9] == 0 and dense[5, 10] == 0 and dense[5, 11] == 9
+    assert torch.equal(sparse24_mask(dense[5:6, 8:12]), sparse24_mask(torch.relu(y[5:6, 8:12])))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("rows,cols", [(128, 128), (256, 384), (384, 1024)])
+def test_cusparselt_layout_matches_cslt_compress(dtype, rows, cols):
+    """Our fused kernel writes exactly the bytes torch._cslt_compress writes (unambiguous patterns only)."""
+    _needs_cslt(dtype)
+    y = (_y1(rows, cols, torch.float32, specials=False).abs() + 0.1).to(dtype)   # 2 non-zeros per group
+    c, dense = tk.relu2_sparse24_compress(y, layout="cusparselt", write_dense=True)
+    ref = torch._cslt_compress(dense)
+    assert ref.numel() == c.buffer.numel()
+    assert torch.equal(ref.view(torch.int16), c.buffer.view(torch.int16))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cusparselt_gemm_consumes_fused_output(dtype):
+    _needs_cslt(dtype)
+    y = _y1(1000, 640, dtype)
+    w = (torch.randn(640, 96, device="cuda") / 640 ** 0.5).to(dtype)
+    c, dense = tk.relu2_sparse24_compress(y, layout="cusparselt", write_dense=True)
+    w_pad = torch.nn.functional.pad(w, (0, 0, 0, c.cols_pad - c.cols))
+    for cfg in (cslt.CsltConfig(), cslt.CsltConfig(0, True, False), cslt.CsltConfig(0, False, True)):
+        z = cslt.cslt_mm(c.buffer, w_pad, cfg)[:1000]
+        torch.testing.assert_close(z.float(), (dense.float() @ w.float()), **TOL[dtype])
+
+
+def _run(fn, y, w, gz):
+    y = y.detach().clone().requires_grad_()
+    w = w.detach().clone().requires_grad_()
+    z = fn(y, w)
+    gy, gw = torch.autograd.grad(z, (y, w), gz)
+    return z, gy, gw
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("backend", ["triton", "cusparselt", "auto"])
+@pytest.mark.parametrize("grad_mode", ["masked", "dense"])
+def test_matches_reference(dtype, shape, backend, grad_mode):
+    if backend == "cusparselt":
+        _needs_cslt(dtype)
+    *lead, f, r = shape
+    n_tok = 1
+    for d in lead:
+        n_tok *= d
+    y = _y1(n_tok, f, dtype, seed=1).reshape(*lead, f)
+    w = (torch.randn(f, r, device="cuda") / f ** 0.5).to(dtype)
+    gz = (torch.randn(*lead, r, device="cuda") / n_tok ** 0.5).to(dtype)
+    ref = _run(lambda a, b: relu2_sparse24_matmul_reference(a, b, grad_mode=grad_mode), y, w, gz)
+    out = _run(lambda a, b: relu2_sparse24_matmul(a, b, grad_mode=grad_mode, backend=backend), y, w, gz)
+    for name, a, b in zip(("z", "grad_y1", "grad_w"), out, ref):
+        assert a.shape == b.shape and a.dtype == b.dtype, name
+        torch.testing.assert_close(a.float(), b.float(), **TOL[dtype], msg=lambda m: f"{name}: {m}")
+
+
+def test_masked_mode_saves_only_compressed_activation():
+    y = _y1(1000, 512, torch.bfloat16).requires_grad_()
+    w = (torch.randn(512, 64, device="cuda") / 512 ** 0.5).to(torch.bfloat16).requires_grad_()
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        relu2_sparse24_matmul(y, w, backend="triton")
+    act = [t for t in saved if t.data_ptr() != w.data_ptr()]
+    nbytes = sum(t.numel() * t.element_size() for t in act)
+    assert nbytes == L.compressed_nbytes(1000, 512, torch.bfloat16)
+    assert nbytes / (y.numel() * y.element_size()) == pytest.approx(0.5625)
+
+
+def test_explicit_backend_fails_loudly():
+    y = torch.randn(4, 16, device="cuda")
+    w = torch.randn(16, 8, device="cuda")
+    with pytest.raises(KernelUnavailableError, match="16-bit"):
+        relu2_sparse24_matmul(y, w, backend="cusparselt")
+    with pytest.raises(KernelUnavailableError, match="CUDA"):
+        relu2_sparse24_matmul(y.cpu(), w.cpu(), backend="triton")
+
+
+def test_auto_caches_a_plan_per_shape():
+    y = _y1(2048, 512, torch.bfloat16)
+    w = (torch.randn(512, 64, device="cuda") / 512 ** 0.5).to(torch.bfloat16)
+    before = len(plan_cache())
+    relu2_sparse24_matmul(y, w, backend="auto")
+    relu2_sparse24_matmul(y, w, backend="auto")
+    assert len(plan_cache()) == before + (1 if cslt.cusparselt_unavailable_reason() is None else 0)
