@@ -1,0 +1,80 @@
+"""Structured training logs: one JSON object per logged step in ``{run_dir}/metrics.jsonl`` plus a console line.
+
+Keys are flat and stable because scripts and plots read them: ``step``, ``loss``, ``lr``, ``grad_norm``,
+``tokens_per_s``, ``step_time_s``, ``tokens`` (consumed so far), and on CUDA ``mfu`` and ``mem_peak_gib``;
+evaluation records carry ``val_loss`` and ``val_ppl``. Only the logging rank writes.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+# Dense bf16 tensor-core peak per GPU (datasheet, no sparsity): MFU is reported against these.
+_PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "GH200": 989e12, "B200": 2250e12}
+
+
+def peak_flops(device: torch.device) -> float | None:
+    """Peak dense bf16 FLOP/s of ``device`` (None on CPU or an unknown GPU: MFU is then not reported)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, value in _PEAK_BF16_FLOPS.items():
+        if key in name:
+            return value
+    return None
+
+
+class MetricsLogger:
+    def __init__(self, run_dir: str | Path, *, enabled: bool, flops_per_token: float | None,
+                 device: torch.device, num_gpus: int) -> None:
+        self.enabled = enabled
+        self.flops_per_token = flops_per_token
+        self.device = device
+        peak = peak_flops(device)
+        self.peak_total = peak * num_gpus if peak else None
+        self.path = Path(run_dir) / "metrics.jsonl"
+        if enabled:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def _write(self, record: dict) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def log_step(self, *, step: int, loss: float, lr: float, grad_norm: float | None, tokens_per_step: int,
+                 step_time_s: float, tokens: int, extra: dict | None = None) -> dict:
+        tokens_per_s = tokens_per_step / step_time_s if step_time_s > 0 else float("nan")
+        rec = {"step": step, "loss": loss, "lr": lr,
+               "grad_norm": grad_norm if grad_norm is None or math.isfinite(grad_norm) else str(grad_norm),
+               "tokens_per_s": tokens_per_s, "step_time_s": step_time_s, "tokens": tokens}
+        if self.device.type == "cuda":
+            rec["mem_peak_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+            if self.peak_total and self.flops_per_token:
+                rec["mfu"] = tokens_per_s * self.flops_per_token / self.peak_total
+        if extra:
+            rec.update(extra)
+        if self.enabled:
+            self._write(rec)
+            parts = [f"step {step}", f"loss {loss:.4f}", f"lr {lr:.3e}",
+                     f"grad_norm {grad_norm:.3f}" if grad_norm is not None else "grad_norm n/a",
+                     f"{tokens_per_s:,.0f} tok/s"]
+            if "mfu" in rec:
+                parts.append(f"mfu {100 * rec['mfu']:.1f}%")
+            if "mem_peak_gib" in rec:
+                parts.append(f"mem {rec['mem_peak_gib']:.1f} GiB")
+            for key, value in (extra or {}).items():
+                parts.append(f"{key} {value:.3g}" if isinstance(value, float) else f"{key} {value}")
+            logger.info(" | ".join(parts))
+        return rec
+
+    def log_eval(self, *, step: int, val_loss: float) -> dict:
+        rec = {"step": step, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
+        if self.enabled:
+            self._write(rec)
+            logger.info(f"step {step} | validation loss {val_loss:.4f} | validation perplexity {rec['val_ppl']:.2f}")
+        return rec

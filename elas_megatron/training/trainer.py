@@ -1,0 +1,292 @@
+"""The training loop: a small class whose methods each do one thing (build, train_step, evaluate, save/load).
+
+One code path for every layout: the step always runs through Megatron-Core's ``get_forward_backward_func``
+(no pipelining, 1F1B, or interleaved 1F1B), gradients are reduced by Megatron DDP and ``finalize_model_grads``,
+and the optimizer is Megatron's. A single-process CPU run is simply the layout TP=PP=DP=1.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from elas_megatron.config.loader import config_to_dict, dump_config
+from elas_megatron.config.schema import Config, validate
+from elas_megatron.data.loader import StepBatches
+from elas_megatron.parallel.setup import ParallelInfo, initialize_parallel
+from elas_megatron.training.checkpoint import CheckpointError, CheckpointManager
+from elas_megatron.training.metrics import MetricsLogger
+from elas_megatron.training.optim import build_optimizer
+
+logger = logging.getLogger(__name__)
+
+# Fields that define the network: a checkpoint whose values differ cannot be loaded into this model.
+_MODEL_IDENTITY = ("variant", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "ffn_hidden_size", "rank",
+                   "attention_rank", "lowrank_attention", "lowrank_activation")
+
+
+def resolve_bf16(cfg: Config, device: torch.device) -> bool:
+    if cfg.train.dtype == "bf16" and device.type == "cpu":
+        raise ValueError("train.dtype=bf16 is only supported on CUDA; use train.dtype=auto or fp32 on CPU")
+    return cfg.train.dtype == "bf16" or (cfg.train.dtype == "auto" and device.type == "cuda")
+
+
+class Trainer:
+    """Builds everything from a :class:`Config` and trains. All ranks of a torchrun job construct one."""
+
+    def __init__(self, cfg: Config, *, resume: bool = False) -> None:
+        from elas_megatron.data.datasets import build_datasets
+        from elas_megatron.data.tokenizer import load_tokenizer
+        from elas_megatron.models.flops import flops_per_token
+        from elas_megatron.sparsity.schedule import SparsitySchedule
+
+        self.info: ParallelInfo = initialize_parallel(cfg.parallel, seed=cfg.train.seed, device=cfg.train.device)
+        validate(cfg, self.info.world_size)
+        self.cfg = cfg
+        self.device = self.info.device
+        self.bf16 = resolve_bf16(cfg, self.device)
+        tokenizer = load_tokenizer(cfg.data.tokenizer)
+        self.vocab_size = cfg.model.vocab_size or tokenizer.vocab_size
+        if self.vocab_size < tokenizer.vocab_size:
+            raise ValueError(f"model.vocab_size={self.vocab_size} is smaller than the tokenizer's vocabulary "
+                             f"({tokenizer.vocab_size}, {cfg.data.tokenizer}); remove it or set it >= "
+                             f"{tokenizer.vocab_size}")
+        self.run_dir = Path(cfg.train.run_dir)
+        if self.info.global_rank == 0:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            dump_config(cfg, self.run_dir / "config.yaml")
+
+        self.model = self._build_model()
+        self.optimizer, self.scheduler = build_optimizer(cfg, self.model, bf16=self.bf16)
+        self._wire_schedule_hooks()
+
+        t = cfg.train
+        train_ds, valid_ds = build_datasets(
+            cfg.data, seq_len=t.seq_len, seed=t.seed, train_samples=t.steps * t.global_batch,
+            valid_samples=max(1, t.eval_iters * t.micro_batch * self.info.dp_size), vocab_size=self.vocab_size,
+            cache_dir=cfg.data.cache_dir or str(self.run_dir / "data_cache"))
+        batch_args = dict(micro_batch=t.micro_batch, dp_rank=self.info.dp_rank, dp_size=self.info.dp_size,
+                          device=self.device)
+        self.train_batches = StepBatches(train_ds, global_batch=t.global_batch, **batch_args)
+        self.valid_batches = StepBatches(valid_ds, global_batch=t.micro_batch * self.info.dp_size, **batch_args)
+        self.sparsity = SparsitySchedule(cfg.model.dense_warmup_steps if cfg.model.variant == "elas" else 0)
+
+        self.ckpt = CheckpointManager(cfg.checkpoint.dir or self.run_dir / "checkpoints",
+                                      keep_last=cfg.checkpoint.keep_last, global_rank=self.info.global_rank)
+        self.metrics = MetricsLogger(self.run_dir, enabled=self.info.is_logging_rank,
+                                     flops_per_token=flops_per_token(cfg.model, self.vocab_size, t.seq_len),
+                                     device=self.device, num_gpus=self.info.world_size)
+        self.step = 0
+        self.last_val_loss: float | None = None
+        if resume:
+            self.load_latest()
+
+    # ----------------------------------------------------------------------------------------------- build
+    def _build_model(self) -> list[torch.nn.Module]:
+        """Model chunks (one per virtual pipeline stage), on the device, bf16-wrapped and DDP-wrapped."""
+        from megatron.core import parallel_state
+        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+        from megatron.core.transformer.module import Float16Module
+
+        from elas_megatron.models.gpt import build_model, transformer_config
+
+        self.tconfig = transformer_config(self.cfg)
+        vpp = self.cfg.parallel.vpp
+        ddp_config = DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True, overlap_grad_reduce=False,  # no CUDA streams; see compat/cpu.py (5)
+            use_distributed_optimizer=self.cfg.parallel.optimizer == "megatron" and self.cfg.parallel.zero_stage >= 1)
+        chunks = []
+        for vp_stage in range(vpp or 1):
+            stage = vp_stage if vpp else None
+            pre = parallel_state.is_pipeline_first_stage(ignore_virtual=vpp is None, vp_stage=stage)
+            post = parallel_state.is_pipeline_last_stage(ignore_virtual=vpp is None, vp_stage=stage)
+            chunk = build_model(self.cfg, vocab_size=self.vocab_size, pre_process=pre, post_process=post,
+                                vp_stage=stage).to(self.device)
+            if self.bf16:
+                chunk = Float16Module(self.tconfig, chunk)
+            chunks.append(DistributedDataParallel(config=self.tconfig, ddp_config=ddp_config, module=chunk,
+                                                  disable_bucketing=vp_stage > 0))
+        n_local = sum(p.numel() for c in chunks for p in c.parameters())
+        logger.info("model %s: %.2fM parameters on this rank (tp=%d pp=%d dp=%d, %s)", self.cfg.model.variant,
+                    n_local / 1e6, self.info.tp_size, self.info.pp_size, self.info.dp_size,
+                    "bf16" if self.bf16 else "fp32")
+        return chunks
+
+    def _wire_schedule_hooks(self) -> None:
+        from megatron.core.distributed import finalize_model_grads
+
+        c = self.tconfig
+        c.finalize_model_grads_func = finalize_model_grads
+        c.grad_scale_func = self.optimizer.scale_loss
+        no_sync = [m.no_sync for m in self.model]
+        c.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
+
+    # ------------------------------------------------------------------------------------------- stepping
+    @staticmethod
+    def _loss_func(loss_mask: torch.Tensor, output: torch.Tensor):
+        losses = output.float().reshape(-1)
+        mask = loss_mask.reshape(-1)
+        loss_sum = (losses * mask).sum()
+        tokens = mask.sum()
+        return loss_sum / tokens, {"loss_sum": loss_sum.detach(), "tokens": tokens.detach()}
+
+    def _forward_step(self, data_iterator, model):
+        batch = next(data_iterator)
+        output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+        return output, partial(self._loss_func, batch["loss_mask"])
+
+    def _run_schedule(self, iterators: list, num_microbatches: int, forward_only: bool) -> float:
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        fb = get_forward_backward_func()
+        outputs = fb(forward_step_func=self._forward_step,
+                     data_iterator=iterators if len(iterators) > 1 else iterators[0],
+                     model=self.model if len(self.model) > 1 else self.model[0],
+                     num_microbatches=num_microbatches, seq_length=self.cfg.train.seq_len,
+                     micro_batch_size=self.cfg.train.micro_batch, forward_only=forward_only)
+        return self._reduce_loss(outputs)
+
+    def _reduce_loss(self, outputs: list[dict]) -> float:
+        """Token-weighted mean loss over all micro-batches and DP ranks, known on every rank."""
+        from megatron.core import parallel_state
+
+        totals = torch.zeros(2, dtype=torch.float64, device=self.device)
+        if self.info.is_last_stage:
+            for out in outputs:
+                totals[0] += out["loss_sum"].double()
+                totals[1] += out["tokens"].double()
+            dist.all_reduce(totals, group=parallel_state.get_data_parallel_group())
+        if self.info.pp_size > 1:
+            dist.broadcast(totals, src=parallel_state.get_pipeline_model_parallel_last_rank(),
+                           group=parallel_state.get_pipeline_model_parallel_group())
+        return (totals[0] / totals[1]).item()
+
+    def train_step(self) -> tuple[float, float | None]:
+        """One optimizer step over ``train.global_batch`` sequences. Returns (loss, grad norm)."""
+        self.sparsity.apply(self.model, self.step)
+        for chunk in self.model:
+            chunk.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        batches = self.train_batches
+        iterators = [batches.step_iterator(self.step) for _ in self.model]
+        loss = self._run_schedule(iterators, batches.num_microbatches, forward_only=False)
+        success, grad_norm, _ = self.optimizer.step()
+        if success:
+            self.scheduler.step(increment=1)
+        self.step += 1
+        return loss, (float(grad_norm) if grad_norm is not None else None)
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean validation loss over ``train.eval_iters`` fixed micro-batches per DP rank."""
+        for chunk in self.model:
+            chunk.eval()
+        try:
+            n = self.cfg.train.eval_iters
+            loss = self._run_schedule([self.valid_batches.eval_iterator(n) for _ in self.model], n,
+                                      forward_only=True)
+        finally:
+            for chunk in self.model:
+                chunk.train()
+        self.last_val_loss = loss
+        self.metrics.log_eval(step=self.step, val_loss=loss)
+        return loss
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def train(self) -> float:
+        """Train to ``train.steps``; evaluate and checkpoint on schedule. Returns the final validation loss."""
+        t, c = self.cfg.train, self.cfg.checkpoint
+        tokens_per_step = t.global_batch * t.seq_len
+        if self.step >= t.steps:
+            logger.info("already at step %d of %d: nothing to train", self.step, t.steps)
+        while self.step < t.steps:
+            self._sync()
+            start = time.perf_counter()
+            lr = self.optimizer.param_groups[0]["lr"]
+            loss, grad_norm = self.train_step()
+            self._sync()
+            elapsed = time.perf_counter() - start
+            if not math.isfinite(loss):
+                raise FloatingPointError(f"loss is {loss} at step {self.step}; lower optim.lr or check the data")
+            if self.step % self.cfg.log.every == 0 or self.step == t.steps:
+                extra = {"sparse24": self.sparsity.is_sparse(self.step - 1)} if self.cfg.model.variant == "elas" else None
+                self.metrics.log_step(step=self.step, loss=loss, lr=lr,
+                                      grad_norm=grad_norm, tokens_per_step=tokens_per_step, step_time_s=elapsed,
+                                      tokens=self.step * tokens_per_step, extra=extra)
+            if t.eval_every and self.step % t.eval_every == 0 and self.step < t.steps:
+                self.evaluate()
+            if c.every and self.step % c.every == 0 and self.step < t.steps:
+                self.save()
+        val = self.evaluate()
+        if c.save_final:
+            self.save()
+        return val
+
+    # ----------------------------------------------------------------------------------------- checkpoints
+    def _unwrapped(self) -> list[torch.nn.Module]:
+        """The GPTModels inside the DDP/Float16 wrappers: checkpoints hold their (unprefixed) keys."""
+        from megatron.core.utils import unwrap_model
+
+        return unwrap_model(self.model)
+
+    def _sharded_state_dict(self, is_loading: bool = False) -> dict:
+        sd: dict = {}
+        models = self._unwrapped()
+        if len(models) == 1:
+            sd["model"] = models[0].sharded_state_dict()
+        else:
+            for i, chunk in enumerate(models):
+                sd[f"model{i}"] = chunk.sharded_state_dict()
+        model_sd = {k: v for k, v in sd.items() if k.startswith("model")}
+        metadata = {"distrib_optim_sharding_type": "dp_reshardable"} if self.device.type == "cpu" else None
+        sd["optimizer"] = self.optimizer.sharded_state_dict(model_sd, is_loading=is_loading, metadata=metadata)
+        sd["scheduler"] = self.scheduler.state_dict()
+        sd["step"] = self.step
+        return sd
+
+    def save(self) -> Path:
+        meta = {"config": config_to_dict(self.cfg), "vocab_size": self.vocab_size,
+                "consumed_samples": self.step * self.cfg.train.global_batch,
+                "layout": {"tp": self.info.tp_size, "pp": self.info.pp_size, "dp": self.info.dp_size}}
+        return self.ckpt.save(self.step, self._sharded_state_dict(), meta)
+
+    def _check_compatible(self, path: Path, meta: dict) -> None:
+        theirs, ours = meta["config"]["model"], config_to_dict(self.cfg)["model"]
+        diffs = [f"model.{k}: checkpoint {theirs.get(k)!r} vs config {ours[k]!r}" for k in _MODEL_IDENTITY
+                 if theirs.get(k) != ours[k]]
+        if meta.get("vocab_size") != self.vocab_size:
+            diffs.append(f"vocab_size: checkpoint {meta.get('vocab_size')} vs this run {self.vocab_size}")
+        if diffs:
+            raise CheckpointError(f"checkpoint {path} was saved from a different model ({'; '.join(diffs)}); "
+                                  "use a matching config or a different checkpoint.dir")
+
+    def load(self, path: Path) -> None:
+        meta = CheckpointManager.read_meta(path)
+        self._check_compatible(path, meta)
+        loaded = CheckpointManager.load(path, self._sharded_state_dict(is_loading=True))
+        models = self._unwrapped()
+        if len(models) == 1:
+            models[0].load_state_dict(loaded["model"])
+        else:
+            for i, chunk in enumerate(models):
+                chunk.load_state_dict(loaded[f"model{i}"])
+        self.optimizer.load_state_dict(loaded["optimizer"])
+        self.scheduler.load_state_dict(loaded["scheduler"])
+        self.step = int(loaded["step"])
+        logger.info("resumed from %s at step %d", path, self.step)
+
+    def load_latest(self) -> bool:
+        path = self.ckpt.latest()
+        if path is None:
+            logger.info("--resume: no checkpoint in %s yet, starting from step 0", self.ckpt.dir)
+            return False
+        self.load(path)
+        return True
