@@ -1,4 +1,7 @@
-"""``elas-train CONFIG [section.key=value ...] [--resume]``: pretrain a model; also what torchrun launches.
+"""``elas-train CONFIG.yaml [MORE.yaml ...] [section.key=value ...] [--resume]``: pretrain a model.
+
+Several YAML files merge left to right (e.g. ``configs/c4.yaml configs/model/1b.yaml configs/variant/elas.yaml``);
+``section.key=value`` overrides come last. This is also what torchrun launches.
 
 Runs as-is under torchrun (it reads RANK/WORLD_SIZE/LOCAL_RANK). Bad configs end with a one-line error naming
 the key, the value and the fix, and exit code 2.
@@ -15,10 +18,12 @@ logger = logging.getLogger("elas_megatron")
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="elas-train", description=__doc__.splitlines()[0])
-    parser.add_argument("config", help="YAML config, e.g. configs/demo.yaml")
-    parser.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.steps=100")
+    parser.add_argument("args", nargs="+", metavar="CONFIG.yaml | section.key=value",
+                        help="YAML configs (merged left to right), then overrides such as train.steps=100")
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in checkpoint.dir")
     args = parser.parse_args(argv)
+    configs = [a for a in args.args if "=" not in a]
+    overrides = [a for a in args.args if "=" in a]
 
     from elas_megatron.config import ConfigError, load_config
     from elas_megatron.utils.logging import init_logging
@@ -27,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     init_logging(rank=rank)
     world = int(os.environ.get("WORLD_SIZE", 1))
     try:
-        cfg = load_config(args.config, args.overrides, world_size=world)
+        cfg = load_config(configs, overrides, world_size=world)
     except ConfigError as exc:
         print(f"elas-train: config error: {exc}", file=sys.stderr)
         return 2

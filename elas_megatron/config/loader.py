@@ -142,10 +142,16 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return parts, value
 
 
-def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = (),
+def load_config(path: str | Path | list[str | Path] | None, overrides: list[str] | tuple[str, ...] = (),
                 world_size: int | None = None) -> Config:
-    """Load, override and validate a config. Raises :class:`ConfigError` with a one-line message."""
-    tree = load_yaml_tree(path) if path is not None else {}
+    """Load, override and validate a config. Raises :class:`ConfigError` with a one-line message.
+
+    ``path`` may be a list of files, merged left to right (e.g. base + model size + variant + cluster layout).
+    """
+    paths = [] if path is None else ([path] if isinstance(path, (str, Path)) else list(path))
+    tree: dict = {}
+    for p in paths:
+        tree = _merge(tree, load_yaml_tree(p))
     for text in overrides:
         (section, key), value = parse_override(text)
         tree.setdefault(section, {})

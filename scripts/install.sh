@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Install elas-megatron into the current Python environment without ever replacing an existing torch.
+#   bash scripts/install.sh        # the framework (+ megatron-core 0.16.1 on Python < 3.12)
+#   bash scripts/install.sh dev    # + test tools and the optional DeepSpeed backend
+# A cluster's CUDA build of torch is kept as it is. Only when no torch is importable does this install one:
+# ${TORCH_SPEC:-torch==2.13.0} (the CPU build on the project's CI machines; set TORCH_SPEC for another build).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+PIP="$PY -m pip install --disable-pip-version-check -q"
+
+if ! $PY -c "import torch" >/dev/null 2>&1; then
+    echo "install.sh: no torch found; installing ${TORCH_SPEC:-torch==2.13.0}"
+    $PIP "${TORCH_SPEC:-torch==2.13.0}"
+fi
+TORCH_VERSION=$($PY -c "import torch; print(torch.__version__)")
+# Pin torch to what is installed so that no dependency can pull another build.
+CONSTRAINTS=$(mktemp); trap 'rm -f "$CONSTRAINTS"' EXIT
+echo "torch==${TORCH_VERSION}" > "$CONSTRAINTS"
+
+EXTRAS=""
+[ "${1:-}" = "dev" ] && EXTRAS="[dev]"
+$PIP -c "$CONSTRAINTS" -e ".${EXTRAS}"
+
+if [ "${1:-}" = "dev" ]; then
+    # DeepSpeed (optional backend): pure Python, ops JIT-built on first use. Its setup imports torch, hence
+    # --no-build-isolation; --no-deps + explicit deps keep pip away from torch.
+    if ! $PY -c "import deepspeed" >/dev/null 2>&1; then
+        DS_BUILD_OPS=0 $PIP -c "$CONSTRAINTS" --no-build-isolation --no-deps "deepspeed==0.19.8"
+        $PIP -c "$CONSTRAINTS" hjson ninja msgpack py-cpuinfo pydantic einops
+    fi
+fi
+echo "install.sh: elas-megatron installed (torch ${TORCH_VERSION})"
