@@ -1,0 +1,78 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Core attention through ``torch.nn.functional.scaled_dot_product_attention`` for the ``core_attention`` slot.
+
+megatron-core's local ``DotProductAttention`` materialises the ``[b, heads, s, s]`` score matrix (``baddbmm`` +
+softmax + ``bmm``); without Transformer Engine that is the only core attention of the local spec. SDPA picks
+the flash / memory-efficient / cuDNN kernels on CUDA and a fused math path on CPU, with the same result. Used
+when ``model.attention_backend`` resolves to ``sdpa``. It is a pure function of q/k/v: no parameters.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+import torch.nn.functional as F
+from megatron.core import tensor_parallel
+from megatron.core.packed_seq_params import PackedSeqParams
+from megatron.core.process_groups_config import ProcessGroupCollection
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.utils import divide
+
+__all__ = ["SDPAttention"]
+
+
+class SDPAttention(MegatronModule):
+    """Causal softmax attention ``[s, b, heads, dim]`` x3 -> ``[s, b, heads * dim]``, via torch SDPA.
+
+    Same constructor and forward contract as megatron's ``DotProductAttention``. Grouped-query attention is
+    handled by SDPA's ``enable_gqa`` (no repeated k/v in memory). Masking follows ``DotProductAttention``: an
+    explicit ``attention_mask`` (bool, True = masked out, broadcastable to ``[b, heads, sq, sk]``) is used when
+    given; otherwise the layer's ``attn_mask_type`` decides (causal -> ``is_causal=True``, the fast path).
+    """
+
+    def __init__(self, config: TransformerConfig, layer_number: int, attn_mask_type: AttnMaskType,
+                 attention_type: str, attention_dropout: float | None = None, softmax_scale: float | None = None,
+                 cp_comm_type: str | None = None, pg_collection: ProcessGroupCollection | None = None) -> None:
+        super().__init__(config=config)
+        if config.context_parallel_size != 1:
+            raise NotImplementedError("SDPAttention does not implement context parallelism; use the TE spec")
+        if config.softmax_type != "vanilla" or config.window_size is not None:
+            raise NotImplementedError("SDPAttention supports vanilla softmax without sliding windows only")
+        if pg_collection is None:
+            pg_collection = ProcessGroupCollection.use_mpu_process_groups(required_pgs=["tp"])
+        tp_size = pg_collection.tp.size()
+        self.layer_number = max(1, layer_number)
+        self.attn_mask_type = attn_mask_type
+        self.head_dim = config.kv_channels
+        self.heads_local = divide(config.num_attention_heads, tp_size)
+        # NOTE: apply_query_key_layer_scaling only moves a factor layer_number between the score GEMM and an fp32
+        # softmax in DotProductAttention; the factors cancel, so SDPA uses the plain scale.
+        self.softmax_scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(self.head_dim)
+        self.dropout_p = config.attention_dropout if attention_dropout is None else attention_dropout
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                attention_mask: torch.Tensor | None, attn_mask_type: AttnMaskType | None = None,
+                attention_bias: torch.Tensor | None = None,
+                packed_seq_params: PackedSeqParams | None = None) -> torch.Tensor:
+        """q ``[sq, b, np, hn]``, k/v ``[sk, b, ng, hn]`` -> ``[sq, b, np * hn]``."""
+        if packed_seq_params is not None or attention_bias is not None:
+            raise NotImplementedError("SDPAttention does not support packed sequences or attention bias")
+        mask_type = attn_mask_type or self.attn_mask_type
+        sq, b = query.shape[:2]
+        q = query.permute(1, 2, 0, 3)                     # [b, np, sq, hn]
+        k = key.permute(1, 2, 0, 3)                       # [b, ng, sk, hn]
+        v = value.permute(1, 2, 0, 3)
+        mask = None if attention_mask is None else ~attention_mask
+        is_causal = mask is None and mask_type == AttnMaskType.causal and sq > 1
+        dropout_p = self.dropout_p if self.training else 0.0
+        # Heads differ per TP rank, so dropout draws from the model-parallel RNG stream (as DotProductAttention).
+        rng = (tensor_parallel.get_cuda_rng_tracker().fork() if dropout_p > 0 and not self.config.sequence_parallel
+               else contextlib.nullcontext())
+        with rng:
+            context = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal, scale=self.softmax_scale,
+                enable_gqa=q.shape[1] != k.shape[1])      # [b, np, sq, hn]
+        return context.permute(2, 0, 1, 3).reshape(sq, b, -1)            # [sq, b, np * hn]

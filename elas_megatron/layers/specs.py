@@ -1,0 +1,216 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Layer specs of the three variants: megatron-core's stock GPT layer spec with only some slots swapped.
+
+``dense`` is megatron's ``get_gpt_layer_local_spec(normalization="RMSNorm")`` (or the Transformer Engine spec with
+``model.spec=te``) unchanged. ``cola`` swaps the attention projections (``linear_qkv``, ``linear_proj``) for the
+low-rank modules of :mod:`elas_megatron.layers.low_rank` (unless ``model.lowrank_attention=false``) and the MLP
+for megatron's own SwiGLU MLP with low-rank linears. ``elas`` is ``cola`` with :class:`ElasMLP` in the MLP slot.
+Independently of the variant, ``core_attention`` becomes :class:`SDPAttention` when the attention backend is
+``sdpa``, and the norms become :class:`elas_megatron.layers.norm.RMSNorm` under sequence parallelism with the
+local spec (megatron's torch norm refuses SP).
+
+Variants live in the :data:`VARIANTS` registry (name -> function that swaps slots in a fresh stock spec).
+Every swap is logged once, on rank 0.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_layer import TransformerLayerSubmodules
+
+from elas_megatron.config.schema import ModelConfig
+from elas_megatron.layers.attention import SDPAttention
+from elas_megatron.layers.low_rank import LowRankQKVColumnParallelLinear, LowRankRowParallelLinear
+from elas_megatron.layers.mlp import cola_mlp_spec, elas_mlp_spec
+from elas_megatron.layers.norm import RMSNorm
+
+__all__ = [
+    "ATTENTION_BACKENDS",
+    "VARIANTS",
+    "get_final_norm",
+    "get_layer_spec",
+    "resolve_attention_backend",
+    "te_available",
+]
+
+logger = logging.getLogger(__name__)
+
+ATTENTION_BACKENDS = ("auto", "local", "sdpa")
+_logged: set[str] = set()  # swap messages already logged by this process (log each once)
+
+
+@dataclass(frozen=True)
+class _SpecContext:
+    """What a variant's swap function may depend on besides the model config."""
+    te: bool
+    kernel_backend: str
+
+
+def te_available() -> bool:
+    """True if Transformer Engine and megatron's TE spec import."""
+    try:
+        import transformer_engine  # noqa: F401  # pylint: disable=unused-import
+        from megatron.core.extensions.transformer_engine import TENorm  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def resolve_attention_backend(requested: str, device: torch.device | str | None = None) -> str:
+    """``model.attention_backend`` -> ``"local"`` or ``"sdpa"`` (``auto``: sdpa on CUDA, local on CPU)."""
+    if requested not in ATTENTION_BACKENDS:
+        raise ValueError(f"model.attention_backend={requested!r} is unknown; choose one of {ATTENTION_BACKENDS}")
+    if requested != "auto":
+        return requested
+    if device is None:
+        on_cuda = torch.cuda.is_available()
+    else:
+        on_cuda = torch.device(device).type == "cuda"
+    return "sdpa" if on_cuda else "local"
+
+
+def _name(slot: object) -> str:
+    module = slot.module if isinstance(slot, ModuleSpec) else slot
+    return getattr(module, "__name__", type(module).__name__)
+
+
+def _log_swap(message: str) -> None:
+    if message in _logged:
+        return
+    _logged.add(message)
+    if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+        logger.info("layer spec: %s", message)
+
+
+def _swap(owner: object, slot: str, new: object, where: str, note: str = "") -> None:
+    old = getattr(owner, slot)
+    setattr(owner, slot, new)
+    _log_swap(f"{where}.{slot}: {_name(old)} -> {_name(new)}{f' ({note})' if note else ''}")
+
+
+def _te_norm() -> type:
+    from megatron.core.extensions.transformer_engine import TENorm
+
+    return TENorm
+
+
+def _lowrank_attention(layer: TransformerLayerSubmodules, m: ModelConfig, ctx: _SpecContext, variant: str) -> None:
+    if not m.lowrank_attention:
+        _log_swap(f"{variant}: attention kept full-rank (model.lowrank_attention=false)")
+        return
+    attn = layer.self_attention.submodules
+    params = {"rank": m.attn_rank, "activation": m.lowrank_activation}
+    note = f"rank {m.attn_rank}, sigma={m.lowrank_activation}"
+    _swap(attn, "linear_qkv", ModuleSpec(module=LowRankQKVColumnParallelLinear, params=params),
+          f"{variant} self_attention", note)
+    _swap(attn, "linear_proj", ModuleSpec(module=LowRankRowParallelLinear, params=params),
+          f"{variant} self_attention", note)
+    if ctx.te:  # TE's fused LayerNorm+Linear in linear_qkv carried the input norm
+        _swap(layer, "input_layernorm", _te_norm(), variant, "the replaced TE linear_qkv carried the norm")
+
+
+def _lowrank_mlp(layer: TransformerLayerSubmodules, new_mlp: ModuleSpec, ctx: _SpecContext, variant: str,
+                 note: str) -> None:
+    _swap(layer, "mlp", new_mlp, variant, note)
+    if ctx.te:  # TE's fused LayerNorm+Linear in linear_fc1 carried the pre-MLP norm
+        _swap(layer, "pre_mlp_layernorm", _te_norm(), variant, "the replaced TE linear_fc1 carried the norm")
+
+
+def _dense(layer: TransformerLayerSubmodules, m: ModelConfig, ctx: _SpecContext) -> None:
+    """Full-rank LLaMA: the stock spec as it is."""
+
+
+def _cola(layer: TransformerLayerSubmodules, m: ModelConfig, ctx: _SpecContext) -> None:
+    """CoLA: every linear low-rank; megatron's SwiGLU MLP with low-rank gate/up/down."""
+    _lowrank_attention(layer, m, ctx, "cola")
+    _lowrank_mlp(layer, cola_mlp_spec(rank=m.rank, activation=m.lowrank_activation), ctx, "cola",
+                 f"MLP with low-rank gate/up/down, rank {m.rank}, sigma={m.lowrank_activation}")
+
+
+def _elas(layer: TransformerLayerSubmodules, m: ModelConfig, ctx: _SpecContext) -> None:
+    """ELAS: CoLA attention, squared-ReLU low-rank FFN with 2:4 activation sparsity."""
+    _lowrank_attention(layer, m, ctx, "elas")
+    spec = elas_mlp_spec(rank=m.rank, activation=m.lowrank_activation, sparse24=m.sparse24,
+                         sparse24_grad=m.sparse24_grad, kernel_backend=ctx.kernel_backend)
+    sparsity = f"2:4 {m.sparse24_grad}-grad" if m.sparse24 else "computed dense (model.sparse24=false)"
+    _lowrank_mlp(layer, spec, ctx, "elas", f"rank {m.rank}, sigma={m.lowrank_activation}, {sparsity}")
+
+
+VARIANTS: dict[str, Callable[[TransformerLayerSubmodules, ModelConfig, _SpecContext], None]] = {
+    "dense": _dense,
+    "cola": _cola,
+    "elas": _elas,
+}
+"""``model.variant`` -> function that swaps slots of a fresh stock layer spec in place."""
+
+
+def _stock_spec(model_cfg: ModelConfig) -> ModuleSpec:
+    if model_cfg.spec == "local":
+        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+        return get_gpt_layer_local_spec(normalization="RMSNorm")
+    if model_cfg.spec == "te":
+        if not te_available():
+            raise ImportError("model.spec=te needs Transformer Engine (pip install 'elas-megatron[te]' on a CUDA "
+                              "machine); use model.spec=local for the pure-PyTorch layers")
+        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
+
+        return get_gpt_layer_with_transformer_engine_spec()
+    raise ValueError(f"model.spec={model_cfg.spec!r} is unknown; choose 'local' or 'te'")
+
+
+def get_layer_spec(model_cfg: ModelConfig, *, sequence_parallel: bool = False, attention_backend: str,
+                   kernel_backend: str = "auto") -> ModuleSpec:
+    """The transformer-layer ``ModuleSpec`` of ``model_cfg.variant``.
+
+    Args:
+        model_cfg: the ``model`` section (variant, ranks, sparsity options, ``spec``).
+        sequence_parallel: ``parallel.sequence_parallel``; with the local spec the norms become SP-aware.
+        attention_backend: ``"local"``, ``"sdpa"`` or ``"auto"`` (see :func:`resolve_attention_backend`).
+        kernel_backend: backend of the ELAS sparse core (:mod:`elas_megatron.kernels.dispatch`).
+    Returns:
+        A ``ModuleSpec`` for ``TransformerLayer``, usable as ``GPTModel(transformer_layer_spec=...)``.
+    Raises:
+        ValueError: unknown variant / attention backend; ImportError: ``spec=te`` without Transformer Engine.
+    """
+    if model_cfg.variant not in VARIANTS:
+        raise ValueError(f"model.variant={model_cfg.variant!r} is unknown; valid variants: {sorted(VARIANTS)}")
+    backend = resolve_attention_backend(attention_backend)
+    spec = _stock_spec(model_cfg)
+    layer: TransformerLayerSubmodules = spec.submodules
+    ctx = _SpecContext(te=model_cfg.spec == "te", kernel_backend=kernel_backend)
+    VARIANTS[model_cfg.variant](layer, model_cfg, ctx)
+    if backend == "sdpa":
+        _swap(layer.self_attention.submodules, "core_attention", SDPAttention, "self_attention",
+              "model.attention_backend=sdpa")
+    if sequence_parallel and not ctx.te:
+        _swap(layer, "input_layernorm", RMSNorm, "layer", "sequence-parallel RMSNorm")
+        _swap(layer, "pre_mlp_layernorm", RMSNorm, "layer", "sequence-parallel RMSNorm")
+    if ctx.te and model_cfg.variant != "dense":
+        # Keep dist-checkpoint keys of the separate norms identical to the local spec's (which maps them to TE's
+        # fused names), so local and TE runs can load each other's checkpoints.
+        keys = layer.sharded_state_dict_keys_map
+        if not _is_fused(layer.self_attention.submodules.linear_qkv):
+            keys.setdefault("input_layernorm.", "self_attention.linear_qkv.layer_norm_")
+        if not _is_fused(getattr(getattr(layer.mlp, "submodules", None), "linear_fc1", None)):
+            keys.setdefault("pre_mlp_layernorm.", "mlp.linear_fc1.layer_norm_")
+    return spec
+
+
+def _is_fused(slot: object) -> bool:
+    return slot is not None and "LayerNorm" in _name(slot)
+
+
+def get_final_norm(model_cfg: ModelConfig, *, sequence_parallel: bool = False) -> type:
+    """The block's final norm class: megatron's choice, or :class:`RMSNorm` for local spec + SP."""
+    if model_cfg.spec == "te":
+        return _te_norm()
+    if sequence_parallel:
+        return RMSNorm
+    from megatron.core.transformer.torch_norm import WrappedTorchNorm
+
+    return WrappedTorchNorm
