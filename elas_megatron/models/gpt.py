@@ -1,0 +1,162 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Build the model: megatron-core's ``GPTModel`` from our ``Config`` and the variant's layer spec.
+
+No model code lives here: the network is ``megatron.core.models.gpt.GPTModel`` (LLaMA settings: RMSNorm, RoPE,
+no biases, untied embeddings, SwiGLU for dense/cola) and the variant only changes the transformer-layer spec
+(:func:`elas_megatron.layers.specs.get_layer_spec`). :func:`transformer_config` is the one translation from our
+schema to megatron's ``TransformerConfig``; :func:`build_model` builds one model chunk (one pipeline / virtual
+pipeline stage) and initialises it layout-invariantly (:mod:`elas_megatron.models.init`).
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from megatron.core.activations import squared_relu
+from megatron.core.models.gpt import GPTModel
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from elas_megatron.config.schema import Config
+from elas_megatron.layers.specs import get_final_norm, get_layer_spec, resolve_attention_backend, te_available
+from elas_megatron.models.init import initialize_weights
+
+__all__ = ["build_model", "model_device", "resolve_dtype", "transformer_config"]
+
+logger = logging.getLogger(__name__)
+
+
+def model_device(cfg: Config) -> torch.device:
+    """The device the model lives on: ``train.device`` (``auto``: the current CUDA device, else CPU)."""
+    if cfg.train.device == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+def resolve_dtype(cfg: Config) -> torch.dtype:
+    """``train.dtype`` -> compute dtype (``auto``: bf16 on CUDA, fp32 on CPU)."""
+    if cfg.train.dtype == "bf16":
+        return torch.bfloat16
+    if cfg.train.dtype == "fp32":
+        return torch.float32
+    return torch.bfloat16 if model_device(cfg).type == "cuda" else torch.float32
+
+
+def _recompute_kwargs(recompute: str) -> dict:
+    if recompute == "none":
+        return {}
+    if recompute == "full":  # every layer recomputed from its input, one layer per checkpoint
+        return dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+    if recompute == "selective":  # megatron's default selective: the core attention (s x s scores)
+        return dict(recompute_granularity="selective", recompute_modules=["core_attn"])
+    if recompute == "ffn":  # megatron-core >= 0.13 can checkpoint the dense MLP submodule on its own
+        return dict(recompute_granularity="selective", recompute_modules=["mlp"])
+    raise ValueError(f"parallel.recompute={recompute!r} is unknown; choose none, full, selective or ffn")
+
+
+def transformer_config(cfg: Config) -> TransformerConfig:
+    """megatron-core ``TransformerConfig`` of a run.
+
+    Shape, LLaMA choices (RMSNorm, no bias, dropout 0, SwiGLU for dense/cola, squared ReLU for elas), the
+    parallel layout (tp/pp/vpp/SP, uneven first/last stages), activation recomputation, and precision flags:
+    parameters stay fp32 (``params_dtype``); with bf16 compute ``bf16=True`` and ``pipeline_dtype=bf16`` so that
+    the trainer's ``Float16Module`` and the p2p buffers match. Fusions that need Apex/TE or CUDA are off on CPU.
+    """
+    m, p = cfg.model, cfg.parallel
+    bf16 = resolve_dtype(cfg) == torch.bfloat16
+    on_cuda = model_device(cfg).type == "cuda"
+    gated = m.variant in ("dense", "cola")
+    return TransformerConfig(
+        num_layers=m.num_layers,
+        hidden_size=m.hidden_size,
+        num_attention_heads=m.num_heads,
+        num_query_groups=m.kv_heads,
+        kv_channels=m.hidden_size // m.num_heads,
+        ffn_hidden_size=m.ffn_hidden_size,
+        normalization="RMSNorm",
+        layernorm_epsilon=m.norm_eps,
+        gated_linear_unit=gated,
+        activation_func=F.silu if gated else squared_relu,
+        add_bias_linear=False,
+        add_qkv_bias=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=m.init_std,
+        tensor_model_parallel_size=p.tp,
+        pipeline_model_parallel_size=p.pp,
+        virtual_pipeline_model_parallel_size=p.vpp,
+        sequence_parallel=p.sequence_parallel,
+        num_layers_in_first_pipeline_stage=p.first_stage_layers,
+        num_layers_in_last_pipeline_stage=p.last_stage_layers,
+        **_recompute_kwargs(p.recompute),
+        params_dtype=torch.float32,
+        bf16=bf16,
+        pipeline_dtype=torch.bfloat16 if bf16 else torch.float32,
+        use_cpu_initialization=True,
+        # Fusions: the jit-scripted bias/activation/dropout fusions only pay off on CUDA; the softmax, RoPE
+        # and grad-accumulation fusions need Apex/TE kernels.
+        bias_activation_fusion=on_cuda and gated,
+        bias_dropout_fusion=on_cuda,
+        masked_softmax_fusion=False,
+        gradient_accumulation_fusion=False,
+        apply_rope_fusion=on_cuda and te_available(),
+        persist_layer_norm=False,
+    )
+
+
+@contextlib.contextmanager
+def _quiet_unknown_mlp_warning() -> Iterator[None]:
+    """TransformerLayer warns "Unknown MLP type" once per layer for any MLP class other than its own.
+
+    ElasMLP takes the default keyword arguments on purpose (it finds the TP group itself), so that warning is
+    noise; it is filtered out while building, and nothing else is.
+    """
+    target = logging.getLogger("megatron.core.transformer.transformer_layer")
+
+    def keep(record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Unknown MLP type")
+
+    target.addFilter(keep)
+    try:
+        yield
+    finally:
+        target.removeFilter(keep)
+
+
+def build_model(cfg: Config, *, vocab_size: int, pre_process: bool = True, post_process: bool = True,
+                vp_stage: int | None = None, config: TransformerConfig | None = None) -> GPTModel:
+    """One model chunk: megatron ``GPTModel`` with the variant's layers, initialised, fp32, on the run's device.
+
+    Args:
+        cfg: the full run config (model, parallel, train.seq_len/seed/device/dtype).
+        vocab_size: padded vocabulary size (a multiple of ``parallel.tp``).
+        pre_process: this chunk holds the embedding (first pipeline stage).
+        post_process: this chunk holds the final norm and output layer (last pipeline stage).
+        vp_stage: virtual pipeline stage of this chunk (None without interleaving).
+        config: the ``TransformerConfig`` to build with (default: ``transformer_config(cfg)``). Pass the one the
+            trainer hands to DDP/schedules so that hooks set on it reach every module.
+    Returns:
+        The ``GPTModel`` (not wrapped: bf16 and DDP wrapping are the trainer's).
+    """
+    if vocab_size % cfg.parallel.tp != 0:
+        raise ValueError(f"vocab_size={vocab_size} must be divisible by parallel.tp={cfg.parallel.tp}; pad it "
+                         f"(model.vocab_size) to a multiple of {cfg.parallel.tp}")
+    tconfig = config if config is not None else transformer_config(cfg)
+    device = model_device(cfg)
+    sequence_parallel = cfg.parallel.sequence_parallel
+    layer_spec = get_layer_spec(cfg.model, sequence_parallel=sequence_parallel,
+                                attention_backend=resolve_attention_backend(cfg.model.attention_backend, device))
+    block_spec = TransformerBlockSubmodules(
+        layer_specs=[layer_spec] * get_num_layers_to_build(tconfig, vp_stage=vp_stage),
+        layer_norm=get_final_norm(cfg.model, sequence_parallel=sequence_parallel))
+    with _quiet_unknown_mlp_warning():
+        model = GPTModel(
+            config=tconfig, transformer_layer_spec=block_spec, vocab_size=vocab_size,
+            max_sequence_length=cfg.train.seq_len, pre_process=pre_process, post_process=post_process,
+            parallel_output=True, share_embeddings_and_output_weights=False, position_embedding_type="rope",
+            rotary_percent=1.0, rotary_base=int(cfg.model.rope_base), vp_stage=vp_stage)
+    initialize_weights(model, cfg.model, seed=cfg.train.seed)
+    return model.to(device)
