@@ -19,9 +19,10 @@ import torch
 import torch.nn.functional as F
 
 from elas_megatron.kernels import cusparselt as cslt
+from elas_megatron.kernels import triton_gemm as tg
 from elas_megatron.kernels import triton_sparse24 as tk
 from elas_megatron.kernels.dispatch import relu2_sparse24_matmul
-from elas_megatron.kernels.elas_core import plan_cache
+from elas_megatron.kernels.elas_core import plan_cache, relu2_sparse24_matmul_gpu
 
 logger = logging.getLogger("bench_elas_ffn")
 RESULTS: dict = {}
@@ -103,6 +104,36 @@ def tile_sweep():
     table("Tile sweep, T=64k, F=5632 (ms)", ["kernel tile (rows, features, warps)", "ms"], rows)
 
 
+GEMM_TILE_CANDIDATES = [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (128, 128, 64, 4, 4), (64, 128, 64, 4, 4),
+                        (128, 64, 64, 4, 4), (64, 256, 64, 8, 3), (128, 128, 32, 4, 4)]
+
+
+@section
+def gemm_tile_sweep():
+    t, f, r = 65536, 5632, 512
+    y = torch.randn(t, f, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(f, r, device="cuda", dtype=torch.bfloat16) / f ** 0.5
+    gz = torch.randn(t, r, device="cuda", dtype=torch.bfloat16)
+    c, _ = tk.relu2_sparse24_compress(y)
+    kernels = {"fwd": lambda: tg.fused_forward(y, w), "grad_input": lambda: tg.fused_grad_input(gz, w, c=c),
+               "grad_weight": lambda: tg.fused_grad_weight(gz, c)}
+    rows, best = [], {}
+    for name, fn in kernels.items():
+        for tile in GEMM_TILE_CANDIDATES:
+            tg.set_gemm_tiles(**{name: tile})
+            try:
+                ms = bench(fn, iters=10, warm=2)
+            except Exception as exc:  # out of shared memory / registers for this tile: skip it
+                rows.append([name, str(tile), f"failed: {type(exc).__name__}"])
+                continue
+            rows.append([name, str(tile), f"{ms:.3f}"])
+            if name not in best or ms < best[name][0]:
+                best[name] = (ms, tile)
+        tg.set_gemm_tiles(**{name: best[name][1]})
+    RESULTS["gemm_tiles"] = {k: v[1] for k, v in best.items()}
+    table("Fused Triton GEMM tile sweep, 1B T=64k (ms)", ["GEMM", "tile (BM, BN, BK, warps, stages)", "ms"], rows)
+
+
 @section
 def fused_kernels(tokens):
     rows = []
@@ -153,6 +184,12 @@ def gemms(tokens):
             w = torch.randn(f, r, device="cuda", dtype=torch.bfloat16) / f ** 0.5
             c, s = tk.relu2_sparse24_compress(y, layout="cusparselt", write_dense=True)
             rows.append([name, t, "dense cuBLAS s @ W", f"{bench(lambda: s @ w):.3f}"])
+            rows.append([name, t, "Triton fused fwd (from y1: relu^2 + 2:4 + GEMM + compressed s)",
+                         f"{bench(lambda: tg.fused_forward(y, w)):.3f}"])
+            rows.append([name, t, "Triton fused fwd, no compressed-s write",
+                         f"{bench(lambda: tg.fused_forward(y, w, save=False)):.3f}"])
+            rows.append([name, t, "compress (cuSPARSELt layout) alone",
+                         f"{bench(lambda: tk.relu2_sparse24_compress(y, layout='cusparselt')):.3f}"])
             if cslt.cusparselt_unavailable_reason() is None:
                 for col_major in (False, True):
                     for tres in (False, True):
@@ -163,10 +200,14 @@ def gemms(tokens):
                             print("search failed", exc)
                         ms = bench(lambda: cslt.cslt_mm(c.buffer, w, cfg))
                         rows.append([name, t, f"cuSPARSELt {cfg}", f"{ms:.3f}"])
-            rows.append([name, t, "grad_s = grad_z @ W^T (cuBLAS)",
-                         f"{bench(lambda: y[:, :r] @ w.t()):.3f}"])
-            rows.append([name, t, "grad_W = s^T @ grad_z (cuBLAS)", f"{bench(lambda: s.t() @ y[:, :r]):.3f}"])
-            del y, c, s
+            gz = torch.randn(t, r, device="cuda", dtype=torch.bfloat16)
+            rows.append([name, t, "grad_s = grad_z @ W^T (cuBLAS)", f"{bench(lambda: gz @ w.t()):.3f}"])
+            rows.append([name, t, "grad_y1 = (grad_z @ W^T) * 2 sqrt(s) (Triton, fused epilogue)",
+                         f"{bench(lambda: tg.fused_grad_input(gz, w, c=c)):.3f}"])
+            rows.append([name, t, "grad_W = s^T @ grad_z (cuBLAS, dense s)", f"{bench(lambda: s.t() @ gz):.3f}"])
+            rows.append([name, t, "grad_W (Triton, s decoded in the GEMM)",
+                         f"{bench(lambda: tg.fused_grad_weight(gz, c)):.3f}"])
+            del y, c, s, gz
             torch.cuda.empty_cache()
     table("GEMMs of the core (ms)", ["shape", "T", "GEMM", "ms"], rows)
 
@@ -191,9 +232,13 @@ def core_op(tokens):
             variants = {
                 "dense relu(y1)**2 @ W (torch)": lambda: torch.relu(y).square() @ w,
                 "reference (torch, 2:4)": lambda: relu2_sparse24_matmul(y, w, backend="reference"),
-                "triton (fused, cuBLAS GEMMs)": lambda: relu2_sparse24_matmul(y, w, backend="triton"),
-                "cusparselt (fused, sparse fwd GEMM)": lambda: relu2_sparse24_matmul(y, w, backend="cusparselt"),
-                "auto": lambda: relu2_sparse24_matmul(y, w, backend="auto"),
+                "GPU: compress pass + cuBLAS GEMMs": lambda: relu2_sparse24_matmul_gpu(y, w, fwd="cublas",
+                                                                                       bwd="cublas"),
+                "GPU: Triton fused GEMMs": lambda: relu2_sparse24_matmul_gpu(y, w, fwd="fused", bwd="fused"),
+                "GPU: cuSPARSELt fwd + fused bwd": lambda: relu2_sparse24_matmul_gpu(y, w, fwd="cusparselt",
+                                                                                     bwd="fused"),
+                "backend=triton (autotuned)": lambda: relu2_sparse24_matmul(y, w, backend="triton"),
+                "backend=auto (autotuned)": lambda: relu2_sparse24_matmul(y, w, backend="auto"),
             }
             base = None
             for label, fn in variants.items():
@@ -208,7 +253,8 @@ def core_op(tokens):
             torch.cuda.empty_cache()
     table("ELAS sparse core z = sparse24(relu(y1)^2) @ A_down (ms; speed-up vs dense torch)",
           ["shape", "T", "variant", "fwd", "fwd+bwd", "fwd speed-up", "fwd+bwd speed-up"], rows)
-    plans = {str(k[:3]): repr(v) for k, v in plan_cache().items()}
+    plans = {str(k[:2] + k[5:]): repr(v) + " " + str({a: round(b, 3) for a, b in v.timings_ms.items()})
+             for k, v in plan_cache().items()}
     RESULTS["plans"] = plans
     print("\nauto plans:", json.dumps(plans, indent=1))
 
@@ -296,7 +342,8 @@ def main() -> None:
           f"cuSPARSELt {torch.backends.cusparselt.version() if torch.backends.cusparselt.is_available() else None}")
     RESULTS["env"] = {"device": dev, "torch": torch.__version__, "triton": triton.__version__,
                       "argv": sys.argv}
-    sections = {"ceilings": lambda: ceilings(), "tiles": lambda: tile_sweep(), "fused": lambda: fused_kernels(tokens),
+    sections = {"ceilings": lambda: ceilings(), "tiles": lambda: tile_sweep(), "gemm_tiles": lambda: gemm_tile_sweep(),
+                "fused": lambda: fused_kernels(tokens),
                 "gemms": lambda: gemms(tokens), "core": lambda: core_op(tokens), "ffn": lambda: ffn(tokens)}
     only = args.only.split(",") if args.only else list(sections)
     for key in only:

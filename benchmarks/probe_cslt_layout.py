@@ -33,7 +33,7 @@ def main() -> None:
     n_groups, n_bits = rows * cols // 4, 14
     ids = torch.arange(n_groups, device="cuda")
     n_vals = rows * cols // 2
-    base_buf = torch._cslt_compress(_dense_with_pattern(torch.zeros_like(ids, dtype=torch.bool), rows, cols))
+    base_buf = torch._cslt_compress(_dense_with_pattern(torch.zeros_like(ids, dtype=torch.bool), rows, cols)).reshape(-1)
     print(f"compressed numel {base_buf.numel()} (rows*cols*9/16 = {rows * cols * 9 // 16})")
     base = _meta_bits(base_buf, n_vals)
     print("base metadata words (first 8):", [hex(int(w) & 0xFFFF) for w in base_buf[n_vals:n_vals + 8].view(torch.int16)])
@@ -42,7 +42,7 @@ def main() -> None:
     for b in range(n_bits):
         high = ((ids >> b) & 1).bool()
         dense = _dense_with_pattern(high, rows, cols)
-        buf = torch._cslt_compress(dense)
+        buf = torch._cslt_compress(dense).reshape(-1)
         kept = dense.reshape(-1, 4)
         kept = torch.where(high[:, None], kept[:, 2:], kept[:, :2]).reshape(rows, cols // 2)
         values_ok &= torch.equal(buf[:n_vals].view(rows, cols // 2), kept)

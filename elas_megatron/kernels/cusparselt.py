@@ -57,6 +57,12 @@ def _dense_operand(weight: torch.Tensor, cfg: CsltConfig) -> torch.Tensor:
     return weight.t().contiguous().t() if cfg.weight_col_major else weight.contiguous()
 
 
+def _as_2d(buffer: torch.Tensor, k: int) -> torch.Tensor:
+    # PyTorch >= 2.6 expects the compressed matrix as [m, k * 9/16] (as torch._cslt_compress returns it).
+    m = buffer.numel() * 16 // (9 * k)
+    return buffer.view(m, -1)
+
+
 def cslt_mm(buffer: torch.Tensor, weight: torch.Tensor, cfg: CsltConfig | None = None) -> torch.Tensor:
     """``s @ weight`` with ``s`` in cuSPARSELt's compressed ``buffer`` (``[m, k]``, k = ``weight.shape[0]``).
 
@@ -64,13 +70,17 @@ def cslt_mm(buffer: torch.Tensor, weight: torch.Tensor, cfg: CsltConfig | None =
         ``[m, n]`` (a transposed view when ``cfg.transpose_result``).
     """
     cfg = cfg or CsltConfig()
-    out = torch._cslt_sparse_mm(buffer, _dense_operand(weight, cfg), alg_id=cfg.alg_id,
+    out = torch._cslt_sparse_mm(_as_2d(buffer, weight.shape[0]), _dense_operand(weight, cfg), alg_id=cfg.alg_id,
                                 transpose_result=cfg.transpose_result)
     return out.t() if cfg.transpose_result else out
 
 
 def cslt_search_alg_id(buffer: torch.Tensor, weight: torch.Tensor, cfg: CsltConfig) -> int:
     """cuSPARSELt's own algorithm search for this shape (``torch._cslt_sparse_mm_search``)."""
-    found = torch._cslt_sparse_mm_search(buffer, _dense_operand(weight, cfg),
-                                         transpose_result=cfg.transpose_result)
+    search = getattr(getattr(torch._C, "_cusparselt", None), "mm_search", None)
+    a, b = _as_2d(buffer, weight.shape[0]), _dense_operand(weight, cfg)
+    if search is not None:    # PyTorch >= 2.11 (torch._cslt_sparse_mm_search is deprecated there)
+        found = search(a, b, None, None, None, cfg.transpose_result)
+    else:
+        found = torch._cslt_sparse_mm_search(a, b, transpose_result=cfg.transpose_result)
     return int(found[0] if isinstance(found, (tuple, list)) else found)

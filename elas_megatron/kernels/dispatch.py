@@ -3,12 +3,13 @@
 
 Backends:
   * ``"reference"``: :mod:`elas_megatron.kernels.reference` (any device; the definition of correct).
-  * ``"triton"``: fused Triton kernels (relu^2 + 2:4 select + compress; compressed activation saved), dense
-    cuBLAS GEMMs. CUDA only.
+  * ``"triton"``: fused Triton kernels (relu^2 + 2:4 select + compress fused into the forward GEMM or a separate
+    pass; factor and decoding fused into the backward GEMMs; only the compressed activation saved), dense math on
+    the tensor cores; each GEMM's variant (Triton-fused or cuBLAS) timed per shape. CUDA only.
   * ``"cusparselt"``: as "triton", but the forward GEMM runs on the 2:4 sparse tensor cores (cuSPARSELt), fed
-    directly by the fused kernel. CUDA sm80+, 16-bit dtypes.
-  * ``"auto"``: on CUDA the GPU path, with the forward GEMM timed per shape (cuBLAS vs cuSPARSELt) and cached;
-    on CPU (or without Triton) the reference. The choice is logged once.
+    directly by the fused compress kernel. CUDA sm80+, 16-bit dtypes.
+  * ``"auto"``: on CUDA the GPU path with every variant (cuSPARSELt included) timed once per shape and cached
+    (:mod:`elas_megatron.kernels.elas_core`); on CPU (or without Triton) the reference. Logged once.
 Naming a backend explicitly fails loudly (:class:`KernelUnavailableError`) when it cannot run.
 ``sparse=False`` (the dense network) always runs the reference: it is plain cuBLAS work already.
 """
@@ -83,15 +84,15 @@ def relu2_sparse24_matmul(y1: torch.Tensor, weight: torch.Tensor, *, sparse: boo
             _log_once(("auto", "reference", y1.device.type, reason),
                       "ELAS core: backend auto -> reference (%s)", reason)
             return relu2_sparse24_matmul_reference(y1, weight, sparse=sparse, grad_mode=grad_mode)
-        fwd_gemm = "auto"
+        fwd = "auto"
     else:
         reason = gpu_unavailable_reason(y1, backend)
         if reason is not None:
             raise KernelUnavailableError(f"kernel backend {backend!r} cannot run: {reason}. "
                                          f"Use backend='auto' (falls back) or 'reference'.")
-        fwd_gemm = "cublas" if backend == "triton" else "cusparselt"
+        fwd = "dense-only" if backend == "triton" else "cusparselt"
     from elas_megatron.kernels.elas_core import relu2_sparse24_matmul_gpu
 
-    _log_once((backend, y1.device.type, y1.dtype), "ELAS core: backend %s -> fused GPU path (%s, forward GEMM %s)",
-              backend, y1.dtype, fwd_gemm)
-    return relu2_sparse24_matmul_gpu(y1, weight.to(y1.dtype), grad_mode=grad_mode, fwd_gemm=fwd_gemm)
+    _log_once((backend, y1.device.type, y1.dtype), "ELAS core: backend %s -> fused GPU path (%s, forward %s)",
+              backend, y1.dtype, fwd)
+    return relu2_sparse24_matmul_gpu(y1, weight.to(y1.dtype), grad_mode=grad_mode, fwd=fwd)

@@ -126,18 +126,8 @@ if HAS_TRITON:
         return tl.reshape(nib, (BT, 4 * W))
 
     @triton.jit
-    def _compress_kernel(y_ptr, vals_ptr, meta_ptr, dense_ptr,
-                         n_rows, n_cols, rows_pad, cols_pad,
-                         stride_y, stride_v, stride_m, stride_d,
-                         BT: tl.constexpr, BF: tl.constexpr, CSLT: tl.constexpr, WRITE_DENSE: tl.constexpr):
-        G: tl.constexpr = BF // 4
-        W: tl.constexpr = BF // 16
-        pid_r = tl.program_id(0)
-        pid_c = tl.program_id(1)
-        rows = pid_r * BT + tl.arange(0, BT)                               # [BT]
-        cols = pid_c * BF + tl.arange(0, BF)                               # [BF]
-        in_ok = (rows < n_rows)[:, None] & (cols < n_cols)[None, :]
-        y = tl.load(y_ptr + rows[:, None].to(tl.int64) * stride_y + cols[None, :], mask=in_ok, other=0.0)
+    def _relu2_select(y, BT: tl.constexpr, G: tl.constexpr):
+        """relu(y) split into group members (ra..rd, fp32 [BT, G]) and which two are kept (ka..kd)."""
         y = y.to(tl.float32)
         r = tl.where(y < 0, 0.0, y)                                        # relu, NaN kept (as torch.relu)
         m = tl.where(r != r, float("inf"), r)                              # NaN ranks as +inf (r >= 0: |r| = r)
@@ -154,10 +144,29 @@ if HAS_TRITON:
         beaten_b = ab.to(tl.int32) + (~bc).to(tl.int32) + (~bd).to(tl.int32)
         beaten_c = ac.to(tl.int32) + bc.to(tl.int32) + (~cd).to(tl.int32)
         beaten_d = ad.to(tl.int32) + bd.to(tl.int32) + cd.to(tl.int32)
-        ka = beaten_a < 2
-        kb = beaten_b < 2
-        kc = beaten_c < 2
-        kd = beaten_d < 2
+        return beaten_a < 2, beaten_b < 2, beaten_c < 2, beaten_d < 2, ra, rb, rc, rd
+
+    @triton.jit
+    def _pack_words(i0, i1, BT: tl.constexpr, W: tl.constexpr):
+        """int32 [BT, W] 16-bit words from the kept positions [BT, 4W] (group j of a word at bits 4j)."""
+        nib = tl.reshape(i0 | (i1 << 2), (BT, W, 4))
+        shifts = (tl.arange(0, 4) * 4)[None, None, :]
+        return tl.sum(nib << shifts, axis=2)
+
+    @triton.jit
+    def _compress_kernel(y_ptr, vals_ptr, meta_ptr, dense_ptr,
+                         n_rows, n_cols, rows_pad, cols_pad,
+                         stride_y, stride_v, stride_m, stride_d,
+                         BT: tl.constexpr, BF: tl.constexpr, CSLT: tl.constexpr, WRITE_DENSE: tl.constexpr):
+        G: tl.constexpr = BF // 4
+        W: tl.constexpr = BF // 16
+        pid_r = tl.program_id(0)
+        pid_c = tl.program_id(1)
+        rows = pid_r * BT + tl.arange(0, BT)                               # [BT]
+        cols = pid_c * BF + tl.arange(0, BF)                               # [BF]
+        in_ok = (rows < n_rows)[:, None] & (cols < n_cols)[None, :]
+        y = tl.load(y_ptr + rows[:, None].to(tl.int64) * stride_y + cols[None, :], mask=in_ok, other=0.0)
+        ka, kb, kc, kd, ra, rb, rc, rd = _relu2_select(y, BT, G)
         i0 = tl.where(ka, 0, tl.where(kb, 1, 2))                           # first kept position
         i1 = tl.where(kd, 3, tl.where(kc, 2, 1))                           # second kept position
         v0 = tl.where(ka, ra, tl.where(kb, rb, rc))
@@ -172,10 +181,7 @@ if HAS_TRITON:
         vals = tl.reshape(tl.join(s0, s1), (BT, BF // 2))
         tl.store(vals_ptr + rows[:, None].to(tl.int64) * stride_v + hcols[None, :], vals, mask=v_ok)
 
-        nib = i0 | (i1 << 2)                                                # [BT, G]
-        nib = tl.reshape(nib, (BT, W, 4))
-        shifts = (tl.arange(0, 4) * 4)[None, None, :]
-        words = tl.sum(nib << shifts, axis=2)                              # [BT, W], 16 significant bits
+        words = _pack_words(i0, i1, BT, W)                                 # [BT, W], 16 significant bits
         wcols = pid_c * W + tl.arange(0, W)
         w_ok = store_rows_ok[:, None] & (wcols < cols_pad // 16)[None, :]
         offs = _meta_offsets(rows[:, None].to(tl.int64), wcols[None, :], stride_m, rows_pad, CSLT)

@@ -43,7 +43,7 @@ SCRIPT = textwrap.dedent("""
     for mode in ("masked", "dense"):
         y = torch.randn(2, 37, 96, requires_grad=True)
         w = (torch.randn(96, 24) / 10).requires_grad_()
-        z = _Relu2Sparse24MatmulGPU.apply(y, w, mode, "cublas")
+        z = _Relu2Sparse24MatmulGPU.apply(y, w, mode, "cublas", "cublas")
         gz = torch.randn_like(z)
         got = (z, *torch.autograd.grad(z, (y, w), gz))
         z2 = relu2_sparse24_matmul_reference(y, w, grad_mode=mode)
