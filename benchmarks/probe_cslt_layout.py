@@ -3,7 +3,7 @@
 
 Every group of a 256x256 matrix gets a 14-bit id; experiment ``b`` keeps features {2,3} in the groups whose id has
 bit ``b`` set and {0,1} elsewhere. A metadata bit that flips exactly in the experiments of bit set ``id`` belongs
-to group ``id``. The found positions are compared with :func:`elas_megatron.kernels.layout.cslt_meta_word_offsets`
+to group ``id``. The found positions are compared with :func:`elas_megatron.kernels.layout.cslt_meta_positions`
 and the values region with the row-major kept values. Usage: ``python benchmarks/probe_cslt_layout.py [out.pt]``.
 """
 from __future__ import annotations
@@ -12,7 +12,7 @@ import sys
 
 import torch
 
-from elas_megatron.kernels.layout import cslt_meta_word_offsets
+from elas_megatron.kernels.layout import cslt_meta_positions
 
 
 def _dense_with_pattern(high: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
@@ -48,11 +48,9 @@ def main() -> None:
         values_ok &= torch.equal(buf[:n_vals].view(rows, cols // 2), kept)
         sig |= (_meta_bits(buf, n_vals) != base).to(torch.int64) << b
     print("values region is row-major kept values:", values_ok)
-    # Expected: group (row i, group g) in word offset(i, g // 4), nibble g % 4, bits 1 and 3 of the nibble flip.
-    off = cslt_meta_word_offsets(rows, cols, "cuda")                       # [rows, cols/16]
-    gi = ids // (cols // 4)
-    gg = ids % (cols // 4)
-    expect_pos = off[gi, gg // 4] * 16 + (gg % 4) * 4
+    # Expected: group (row i, group g) at (word, nibble) of layout.py; bits 1 and 3 of the nibble flip.
+    word, nibble = cslt_meta_positions(rows, cols, "cuda")                # [rows, cols/4]
+    expect_pos = (word * 16 + nibble * 4).reshape(-1)
     found_ok = (sig[expect_pos + 1] == ids) & (sig[expect_pos + 3] == ids)
     n_ok = int(found_ok[1:].sum())
     print(f"groups whose code sits where layout.py says: {n_ok}/{n_groups - 1}")

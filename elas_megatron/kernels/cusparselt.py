@@ -26,8 +26,12 @@ def _device_reason(device_index: int) -> str | None:
     return None
 
 
-def cusparselt_unavailable_reason(device: torch.device | None = None) -> str | None:
-    """``None`` when cuSPARSELt's 2:4 GEMM can run on ``device``, else why not (for logs and errors)."""
+def cusparselt_unavailable_reason(device: torch.device | None = None, dtype: torch.dtype | None = None) -> str | None:
+    """``None`` when cuSPARSELt's 2:4 GEMM can run on ``device``, else why not (for logs and errors).
+
+    With ``dtype`` (16-bit) it also checks, once per device and dtype, that the fused kernel's metadata layout is
+    byte-identical to ``torch._cslt_compress`` here (the layout was measured on one cuSPARSELt version and arch).
+    """
     if not torch.cuda.is_available():
         return "no CUDA"
     if not hasattr(torch, "_cslt_sparse_mm"):
@@ -36,7 +40,30 @@ def cusparselt_unavailable_reason(device: torch.device | None = None) -> str | N
     if backend is None or not backend.is_available():
         return f"this PyTorch build ({torch.__version__}) was built without cuSPARSELt"
     index = torch.cuda.current_device() if device is None or device.index is None else device.index
-    return _device_reason(index)
+    reason = _device_reason(index)
+    if reason is None and dtype is not None:
+        if dtype not in (torch.bfloat16, torch.float16):
+            return f"cuSPARSELt 2:4 needs a 16-bit dtype, got {dtype}"
+        reason = _layout_reason(index, dtype)
+    return reason
+
+
+@functools.lru_cache(maxsize=None)
+def _layout_reason(device_index: int, dtype: torch.dtype) -> str | None:
+    from elas_megatron.kernels import triton_sparse24 as tk
+
+    if not tk.HAS_TRITON:
+        return "the `triton` package is not installed"
+    g = torch.Generator(device=f"cuda:{device_index}").manual_seed(0)
+    y = (torch.rand(256, 256, device=f"cuda:{device_index}", generator=g) + 0.1).to(dtype)   # 2 non-zeros/group
+    c, dense = tk.relu2_sparse24_compress(y, layout="cusparselt", write_dense=True)
+    ref = torch._cslt_compress(dense).reshape(-1)
+    if ref.numel() != c.buffer.numel() or not torch.equal(ref.view(torch.int16), c.buffer.view(torch.int16)):
+        logger.warning("cuSPARSELt %s on device %d stores 2:4 metadata differently from our kernel: "
+                       "sparse GEMM path disabled", torch.backends.cusparselt.version(), device_index)
+        return (f"the metadata layout of cuSPARSELt {torch.backends.cusparselt.version()} on this device differs "
+                f"from the fused kernel's (see elas_megatron/kernels/layout.py)")
+    return None
 
 
 class CsltConfig:

@@ -55,7 +55,7 @@ def gpu_unavailable_reason(y1: torch.Tensor, backend: str = "triton") -> str | N
 
         if y1.element_size() != 2:
             return f"cuSPARSELt 2:4 needs a 16-bit dtype, got {y1.dtype}"
-        return cusparselt_unavailable_reason(y1.device)
+        return cusparselt_unavailable_reason(y1.device, y1.dtype)
     return None
 
 

@@ -22,7 +22,6 @@ fp32 inputs use the cuBLAS variants (the fused GEMMs are 16-bit).
 from __future__ import annotations
 
 import logging
-import statistics
 
 import torch
 
@@ -66,18 +65,18 @@ def clear_plan_cache() -> None:
     _PLANS.clear()
 
 
-def _time_ms(fn, warmup: int = 2, reps: int = 5) -> float:
+def _time_ms(fn, warmup: int = 2, reps: int = 6) -> float:
+    """Mean of back-to-back calls (as in a training step: host overheads overlap device work)."""
     for _ in range(warmup):
         fn()
-    times = []
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
     for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
         fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / reps
 
 
 # --- the pieces ---------------------------------------------------------------------------------------------------
@@ -103,7 +102,11 @@ def _backward(gz: torch.Tensor, weight: torch.Tensor, c: tk.Compressed | None, y
     grad_y1 = s_dense = grad_w = None
     if need_input:
         if plan.grad_input == "fused":
-            grad_y1 = tg.fused_grad_input(gz, weight, c=c) if masked else tg.fused_grad_input(gz, weight, y1=y2d)
+            if masked:
+                grad_y1, s_dense = tg.fused_grad_input(gz, weight, c=c,
+                                                       write_dense=need_weight and plan.grad_weight == "cublas")
+            else:
+                grad_y1, _ = tg.fused_grad_input(gz, weight, y1=y2d)
         else:
             grad_s = gz @ weight.t()                                            # [T, F], our own temporary
             if masked:   # in place over grad_s; s decompressed in the same pass when cuBLAS needs it
@@ -127,7 +130,7 @@ def _backward(gz: torch.Tensor, weight: torch.Tensor, c: tk.Compressed | None, y
 
 def _candidates(y2d: torch.Tensor, fwd: str, bwd: str) -> tuple[list[str], list[tuple[str, str]]]:
     sixteen = y2d.element_size() == 2
-    sparse_ok = sixteen and cslt.cusparselt_unavailable_reason(y2d.device) is None
+    sparse_ok = sixteen and cslt.cusparselt_unavailable_reason(y2d.device, y2d.dtype) is None
     if fwd == "auto":
         fwds = (["fused"] if sixteen else []) + ["cublas"] + (["cusparselt"] if sparse_ok else [])
     elif fwd == "dense-only":
@@ -136,7 +139,7 @@ def _candidates(y2d: torch.Tensor, fwd: str, bwd: str) -> tuple[list[str], list[
         fwds = [fwd]
     if fwd in ("fused", "cusparselt") and not (sparse_ok if fwd == "cusparselt" else sixteen):
         raise RuntimeError(f"forward {fwd!r} unavailable for {y2d.dtype} on {y2d.device}: "
-                           f"{cslt.cusparselt_unavailable_reason(y2d.device) or 'needs a 16-bit dtype'}")
+                           f"{cslt.cusparselt_unavailable_reason(y2d.device, y2d.dtype) or 'needs a 16-bit dtype'}")
     combos = {"fused": ("fused", "fused"), "cublas": ("cublas", "cublas"), "fused-input": ("fused", "cublas"),
               "fused-weight": ("cublas", "fused")}
     if bwd == "auto":

@@ -11,16 +11,18 @@ Per group ``g`` of a row (features ``4g .. 4g+3``) with kept indices ``i0 < i1``
   * nibble: ``i0 | i1 << 2`` (the sparse tensor cores' 2-bit index pairs, e.g. keep {0,1} -> 0x4);
   * word: 4 consecutive groups (16 features) form one 16-bit word, group ``j`` of the word at bits ``4j``.
 
-Two placements of the words ("meta layouts"):
-  * ``"rowmajor"``: words ``[R, F/16]`` row-major (int16). Any ``R``, ``F % 16 == 0``.
-  * ``"cusparselt"``: the order in which cuSPARSELt's compressed matrix (``torch._cslt_compress``) stores them
-    right after the values, so that ``torch._cslt_sparse_mm`` consumes the kernel's output directly. Needs
-    ``R % 128 == 0`` and ``F % 128 == 0`` (callers pad). Words are tiled in 128-row x 64-feature tiles (512 words,
-    tiles column-major over the matrix); inside a tile, 32x32 blocks (64 words; row blocks step 64, column
-    blocks step 256); inside a block, row ``i`` and 16-feature half ``h`` sit at
-    ``(i % 8) * 8 + (i // 8) % 2 + 2 * h + 4 * (i // 16)``. This follows the reverse-engineered description in
-    PyTorch's ``SparseSemiStructuredTile.cu`` (format of cuSPARSELt on sm80) and is verified on the GPU against
-    ``torch._cslt_compress`` by ``tests/gpu/test_sparse24_kernels.py``.
+Two placements of the codes ("meta layouts"):
+  * ``"rowmajor"``: words ``[R, F/16]`` row-major (int16), word = 4 consecutive groups of one row, group ``j`` of
+    the word at bits ``4j``. Any ``R``, ``F % 16 == 0``.
+  * ``"cusparselt"``: the order of cuSPARSELt's compressed matrix (``torch._cslt_compress``: ``[R, F/2]`` values,
+    then the 16-bit metadata words), so that ``torch._cslt_sparse_mm`` consumes the kernel's output directly.
+    Measured on an H100 with cuSPARSELt 0.8 (``benchmarks/probe_cslt_layout.py``): blocks of 64 rows x 32
+    features (128 words) stored row-block-major; in a block, the code of row ``i``, group ``g`` sits in word
+    ``((i % 64) // 16) * 32 + (i % 8) * 4 + g % 4`` at nibble ``(i // 8) % 2 + 2 * ((g // 4) % 2)`` (a word
+    holds rows ``i`` and ``i + 8`` of groups ``g`` and ``g + 4``, the sparse MMA's fragment order). It is *not*
+    the sm80 order described in PyTorch's ``SparseSemiStructuredTile.cu``. Needs ``R % 64 == 0``,
+    ``F % 32 == 0``; we pad both to 128. The GPU tests compare it byte for byte with ``torch._cslt_compress``,
+    and the dispatcher checks it once per device before using cuSPARSELt.
 """
 from __future__ import annotations
 
@@ -35,7 +37,7 @@ __all__ = [
     "kept_indices",
     "nibbles_to_words",
     "words_to_nibbles",
-    "cslt_meta_word_offsets",
+    "cslt_meta_positions",
     "compress_reference",
     "decompress_reference",
     "pack_cslt_buffer",
@@ -81,8 +83,9 @@ def words_to_nibbles(words: torch.Tensor) -> torch.Tensor:
     return n.reshape(*words.shape[:-1], words.shape[-1] * 4).to(torch.int64)
 
 
-def cslt_meta_word_offsets(rows: int, cols: int, device=None) -> torch.Tensor:
-    """int64 ``[rows, cols/16]``: where word ``(row, w)`` lives in cuSPARSELt's metadata (in 16-bit units).
+def cslt_meta_positions(rows: int, cols: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where the code of group ``(row, g)`` lives in cuSPARSELt's metadata: ``(word offset, nibble)``,
+    each int64 ``[rows, cols/4]`` (offsets in 16-bit units from the start of the metadata).
 
     Args:
         rows: rows of the sparse matrix (multiple of 128).
@@ -91,15 +94,10 @@ def cslt_meta_word_offsets(rows: int, cols: int, device=None) -> torch.Tensor:
     if rows % CSLT_ROW_ALIGN or cols % CSLT_COL_ALIGN:
         raise ValueError(f"cuSPARSELt layout needs rows and cols multiples of 128, got {rows}x{cols}; pad first")
     i = torch.arange(rows, device=device)[:, None]
-    w = torch.arange(cols // 16, device=device)[None, :]
-    return _cslt_offset(i, w, rows)
-
-
-def _cslt_offset(i: torch.Tensor, w: torch.Tensor, rows: int) -> torch.Tensor:
-    tile = (i // 128) * 512 + (w // 4) * 512 * (rows // 128)       # 128x64 tiles, column-major
-    block = ((i % 128) // 32) * 64 + ((w % 4) // 2) * 256           # 32x32 blocks inside the tile
-    inner = (i % 8) * 8 + (i // 8) % 2 + 2 * (w % 2) + 4 * ((i % 32) // 16)
-    return tile + block + inner
+    g = torch.arange(cols // 4, device=device)[None, :]
+    word = (i // 64) * (4 * cols) + (g // 8) * 128 + ((i % 64) // 16) * 32 + (i % 8) * 4 + g % 4
+    nibble = (i // 8) % 2 + 2 * ((g // 4) % 2)
+    return word, nibble.expand_as(word)
 
 
 def compress_reference(y1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -145,17 +143,22 @@ def pack_cslt_buffer(vals: torch.Tensor, words: torch.Tensor) -> torch.Tensor:
     cols = 2 * half
     if vals.element_size() != 2:
         raise TypeError(f"cuSPARSELt 2:4 buffers hold 16-bit values, got {vals.dtype}")
+    word, nibble = cslt_meta_positions(rows, cols, vals.device)
+    codes = words_to_nibbles(words)                                        # [R, F/4]
+    meta = torch.zeros(rows * cols // 16, dtype=torch.int64, device=vals.device)
+    meta.scatter_add_(0, word.reshape(-1), (codes << (4 * nibble)).reshape(-1))   # distinct bits: add == or
     buf = torch.empty(rows * cols * 9 // 16, dtype=vals.dtype, device=vals.device)
     buf[: rows * half] = vals.reshape(-1)
-    meta = buf[rows * half:].view(torch.int16)
-    meta[cslt_meta_word_offsets(rows, cols, vals.device).reshape(-1)] = words.reshape(-1)
+    buf[rows * half:].view(torch.int16).copy_(meta.to(torch.int32).to(torch.int16))
     return buf
 
 
 def unpack_cslt_buffer(buf: torch.Tensor, rows: int, cols: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inverse of :func:`pack_cslt_buffer`: ``(vals [R, F/2], words [R, F/16])``."""
+    """Inverse of :func:`pack_cslt_buffer`: ``(vals [R, F/2], row-major words [R, F/16])``."""
+    buf = buf.reshape(-1)
     half = cols // 2
     vals = buf[: rows * half].reshape(rows, half)
-    meta = buf[rows * half:].view(torch.int16)
-    words = meta[cslt_meta_word_offsets(rows, cols, buf.device).reshape(-1)].reshape(rows, cols // 16)
-    return vals, words
+    meta = buf[rows * half:].view(torch.int16).to(torch.int64) & 0xFFFF
+    word, nibble = cslt_meta_positions(rows, cols, buf.device)
+    codes = (meta[word] >> (4 * nibble)) & 0xF                              # [R, F/4]
+    return vals, nibbles_to_words(codes)

@@ -73,10 +73,10 @@ if tk.HAS_TRITON:
                  mask=m_ok[:, None] & (rn < N)[None, :])
 
     @triton.jit
-    def _grad_input_kernel(gz_ptr, w_ptr, gy_ptr, vals_ptr, meta_ptr, y_ptr,
-                           M, N, K, stride_gz, stride_w, stride_gy, stride_v, stride_m, stride_y, rows_pad,
+    def _grad_input_kernel(gz_ptr, wt_ptr, gy_ptr, vals_ptr, meta_ptr, y_ptr, dense_ptr,
+                           M, N, K, stride_gz, stride_wt, stride_gy, stride_v, stride_m, stride_y, stride_d, cols_pad,
                            BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                           MASKED: tl.constexpr, CSLT: tl.constexpr):
+                           MASKED: tl.constexpr, CSLT: tl.constexpr, WRITE_DENSE: tl.constexpr):
         G: tl.constexpr = BN // 4
         W: tl.constexpr = BN // 16
         pid = tl.program_id(0)
@@ -94,7 +94,7 @@ if tk.HAS_TRITON:
             ks = k0 + rk
             a = tl.load(gz_ptr + rm64[:, None] * stride_gz + ks[None, :], mask=m_ok[:, None] & (ks < K)[None, :],
                         other=0.0)
-            b = tl.load(w_ptr + rn[None, :].to(tl.int64) * stride_w + ks[:, None],        # W^T tile [BK, BN]
+            b = tl.load(wt_ptr + ks[:, None] * stride_wt + rn[None, :],                   # W^T tile [BK, BN]
                         mask=(ks < K)[:, None] & n_ok[None, :], other=0.0)
             acc = tl.dot(a, b, acc)
         if MASKED:
@@ -103,9 +103,12 @@ if tk.HAS_TRITON:
             v = tl.load(vals_ptr + rm64[:, None] * stride_v + hcols[None, :],
                         mask=m_ok[:, None] & (hcols < n_half)[None, :], other=0.0)
             v0, v1 = tl.split(tl.reshape(v, (BM, G, 2)))
-            nib = _load_meta_nibbles(meta_ptr, rm64, pid_n * W, stride_m, rows_pad, (N + 15) // 16, m_ok,
+            nib = _load_meta_nibbles(meta_ptr, rm64, pid_n * W, stride_m, cols_pad, (N + 15) // 16, m_ok,
                                      BM, W, CSLT)
             factor = _expand(2.0 * tl.sqrt(v0.to(tl.float32)), 2.0 * tl.sqrt(v1.to(tl.float32)), nib, BM, G)
+            if WRITE_DENSE:   # s for a cuBLAS weight gradient, saving a separate decompression pass
+                tl.store(dense_ptr + rm64[:, None] * stride_d + rn[None, :], _expand(v0, v1, nib, BM, G),
+                         mask=m_ok[:, None] & n_ok[None, :])
         else:
             y = tl.load(y_ptr + rm64[:, None] * stride_y + rn[None, :], mask=m_ok[:, None] & n_ok[None, :],
                         other=0.0).to(tl.float32)
@@ -116,7 +119,7 @@ if tk.HAS_TRITON:
     @triton.jit
     def _grad_weight_kernel(gz_ptr, vals_ptr, meta_ptr, part_ptr,
                             T, R, N, tokens_per_split, stride_gz, stride_v, stride_m, stride_ps, stride_pr,
-                            rows_pad,
+                            cols_pad,
                             BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, CSLT: tl.constexpr):
         """part[split, R, N] = grad_z[tokens of split]^T @ s[tokens of split] (fp32)."""
         G: tl.constexpr = BN // 4
@@ -143,7 +146,7 @@ if tk.HAS_TRITON:
             v = tl.load(vals_ptr + ts64[:, None] * stride_v + hcols[None, :],
                         mask=t_ok[:, None] & (hcols < n_half)[None, :], other=0.0)
             v0, v1 = tl.split(tl.reshape(v, (BK, G, 2)))
-            nib = _load_meta_nibbles(meta_ptr, ts64, pid_n * W, stride_m, rows_pad, (N + 15) // 16, t_ok,
+            nib = _load_meta_nibbles(meta_ptr, ts64, pid_n * W, stride_m, cols_pad, (N + 15) // 16, t_ok,
                                      BK, W, CSLT)
             b = _expand(v0, v1, nib, BK, G)                                                # s tile [BK, BN]
             acc = tl.dot(a, b, acc)
@@ -152,7 +155,7 @@ if tk.HAS_TRITON:
 
 
 # (BM, BN, BK, num_warps, num_stages) per kernel; benchmarks/bench_elas_ffn.py sweeps these on the GPU.
-GEMM_TILES = {"fwd": (128, 128, 64, 8, 3), "grad_input": (128, 128, 64, 8, 3), "grad_weight": (128, 128, 64, 8, 3)}
+GEMM_TILES = {"fwd": (64, 256, 64, 8, 3), "grad_input": (128, 256, 64, 8, 3), "grad_weight": (128, 128, 64, 8, 3)}
 
 
 def set_gemm_tiles(**tiles: tuple[int, int, int, int, int]) -> None:
@@ -200,27 +203,37 @@ def fused_forward(y1: torch.Tensor, weight: torch.Tensor, *, save: bool = True
 
 
 def fused_grad_input(grad_z: torch.Tensor, weight: torch.Tensor, *, c: tk.Compressed | None = None,
-                     y1: torch.Tensor | None = None) -> torch.Tensor:
-    """``grad_y1 = (grad_z @ W^T) * 2 sqrt(s)`` on kept entries (``c`` given) or ``* 2 relu(y1)`` (``y1`` given)."""
+                     y1: torch.Tensor | None = None, write_dense: bool = False
+                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``grad_y1 = (grad_z @ W^T) * 2 sqrt(s)`` on kept entries (``c`` given) or ``* 2 relu(y1)`` (``y1`` given).
+
+    Returns:
+        ``(grad_y1 [T, F], dense s or None)``; ``write_dense`` (masked mode) also writes the decompressed ``s``
+        from the epilogue, for a cuBLAS weight gradient.
+    """
     tk._require_triton()
     _check16(grad_z, weight)
     grad_z = tk._check_2d("grad_z", grad_z)
-    weight = weight.contiguous()
+    wt = weight.t().contiguous()                                                 # [r, F]: coalesced B tiles
     t, k = grad_z.shape
     f = weight.shape[0]
     gy = torch.empty(t, f, dtype=grad_z.dtype, device=grad_z.device)
     masked = c is not None
+    write_dense = write_dense and masked
+    dense = torch.empty(t, f, dtype=c.vals.dtype, device=grad_z.device) if write_dense else None
     if not masked:
         y1 = tk._check_2d("y1", y1)
     bm, bn, bk, nw, ns = GEMM_TILES["grad_input"]
     grid = (triton.cdiv(t, bm) * triton.cdiv(f, bn),)
     _grad_input_kernel[grid](
-        grad_z, weight, gy, c.vals if masked else gy, c.meta if masked else gy, gy if masked else y1,
-        t, f, k, grad_z.stride(0), weight.stride(0), gy.stride(0),
+        grad_z, wt, gy, c.vals if masked else gy, c.meta if masked else gy, gy if masked else y1,
+        dense if write_dense else gy,
+        t, f, k, grad_z.stride(0), wt.stride(0), gy.stride(0),
         c.vals.stride(0) if masked else 0, tk._meta_stride(c) if masked else 0, 0 if masked else y1.stride(0),
-        c.rows_pad if masked else t,
-        BM=bm, BN=bn, BK=bk, MASKED=masked, CSLT=masked and c.layout == "cusparselt", num_warps=nw, num_stages=ns)
-    return gy
+        dense.stride(0) if write_dense else 0, c.cols_pad if masked else 0,
+        BM=bm, BN=bn, BK=bk, MASKED=masked, CSLT=masked and c.layout == "cusparselt", WRITE_DENSE=write_dense,
+        num_warps=nw, num_stages=ns)
+    return gy, dense
 
 
 def fused_grad_weight(grad_z: torch.Tensor, c: tk.Compressed, *, splits: int | None = None) -> torch.Tensor:
@@ -240,6 +253,6 @@ def fused_grad_weight(grad_z: torch.Tensor, c: tk.Compressed, *, splits: int | N
     part = torch.empty(splits, r, f, dtype=torch.float32, device=grad_z.device)
     _grad_weight_kernel[(tiles, splits)](
         grad_z, c.vals, c.meta, part, t, r, f, tokens_per_split, grad_z.stride(0), c.vals.stride(0),
-        tk._meta_stride(c), part.stride(0), part.stride(1), c.rows_pad,
+        tk._meta_stride(c), part.stride(0), part.stride(1), c.cols_pad,
         BM=bm, BN=bn, BK=bk, CSLT=c.layout == "cusparselt", num_warps=nw, num_stages=ns)
     return part.sum(0).t().to(grad_z.dtype)                                       # [F, r]

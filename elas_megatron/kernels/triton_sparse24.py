@@ -89,15 +89,12 @@ def _split_cslt_buffer(buf: torch.Tensor, rows_pad: int, cols_pad: int):
 if HAS_TRITON:
 
     @triton.jit
-    def _meta_offsets(rows, wcols, stride_m, rows_pad, CSLT: tl.constexpr):
-        """Offsets (16-bit units) of metadata words (row, word column); see layout.py for the cuSPARSELt map."""
-        if CSLT:
-            tile = (rows // 128) * 512 + (wcols // 4) * (512 * (rows_pad // 128))
-            block = ((rows % 128) // 32) * 64 + ((wcols % 4) // 2) * 256
-            inner = (rows % 8) * 8 + (rows // 8) % 2 + 2 * (wcols % 2) + 4 * ((rows % 32) // 16)
-            return tile + block + inner
-        else:
-            return rows * stride_m + wcols
+    def _cslt_word_offsets(rows, groups, cols_pad):
+        """cuSPARSELt metadata: 16-bit word offset and nibble of group (row, g); see layout.py."""
+        word = ((rows // 64) * (4 * cols_pad) + (groups // 8) * 128 + ((rows % 64) // 16) * 32
+                + (rows % 8) * 4 + groups % 4)
+        nibble = (rows // 8) % 2 + 2 * ((groups // 4) % 2)
+        return word, nibble
 
     @triton.jit
     def _split4(x, BT: tl.constexpr, G: tl.constexpr):
@@ -114,16 +111,23 @@ if HAS_TRITON:
         return tl.reshape(tl.join(tl.join(a, c), tl.join(b, d)), (BT, 4 * G))
 
     @triton.jit
-    def _load_meta_nibbles(meta_ptr, rows, wcol0, stride_m, rows_pad, n_wcols, row_ok,
+    def _load_meta_nibbles(meta_ptr, rows, wcol0, stride_m, cols_pad, n_wcols, row_ok,
                            BT: tl.constexpr, W: tl.constexpr, CSLT: tl.constexpr):
-        """int32 [BT, 4W]: the 4-bit code (i0 | i1 << 2) of each group of the tile."""
-        wcols = wcol0 + tl.arange(0, W)
-        ok = row_ok[:, None] & (wcols < n_wcols)[None, :]
-        offs = _meta_offsets(rows[:, None], wcols[None, :], stride_m, rows_pad, CSLT)
-        words = tl.load(meta_ptr + offs, mask=ok, other=0x4444).to(tl.int32) & 0xFFFF     # [BT, W]
-        shifts = (tl.arange(0, 4) * 4)[None, None, :]
-        nib = (words[:, :, None] >> shifts) & 0xF                                          # [BT, W, 4]
-        return tl.reshape(nib, (BT, 4 * W))
+        """int32 [BT, 4W]: the 4-bit code (i0 | i1 << 2) of each group of the tile (rows: int64 [BT])."""
+        if CSLT:
+            groups = wcol0 * 4 + tl.arange(0, 4 * W)
+            ok = row_ok[:, None] & (groups < n_wcols * 4)[None, :]
+            word, nibble = _cslt_word_offsets(rows[:, None], groups[None, :], cols_pad)
+            words = tl.load(meta_ptr + word, mask=ok, other=0x4444).to(tl.int32) & 0xFFFF
+            return (words >> (4 * nibble).to(tl.int32)) & 0xF
+        else:
+            wcols = wcol0 + tl.arange(0, W)
+            ok = row_ok[:, None] & (wcols < n_wcols)[None, :]
+            words = tl.load(meta_ptr + rows[:, None] * stride_m + wcols[None, :], mask=ok,
+                            other=0x4444).to(tl.int32) & 0xFFFF                                  # [BT, W]
+            shifts = (tl.arange(0, 4) * 4)[None, None, :]
+            nib = (words[:, :, None] >> shifts) & 0xF                                          # [BT, W, 4]
+            return tl.reshape(nib, (BT, 4 * W))
 
     @triton.jit
     def _relu2_select(y, BT: tl.constexpr, G: tl.constexpr):
@@ -181,11 +185,26 @@ if HAS_TRITON:
         vals = tl.reshape(tl.join(s0, s1), (BT, BF // 2))
         tl.store(vals_ptr + rows[:, None].to(tl.int64) * stride_v + hcols[None, :], vals, mask=v_ok)
 
-        words = _pack_words(i0, i1, BT, W)                                 # [BT, W], 16 significant bits
-        wcols = pid_c * W + tl.arange(0, W)
-        w_ok = store_rows_ok[:, None] & (wcols < cols_pad // 16)[None, :]
-        offs = _meta_offsets(rows[:, None].to(tl.int64), wcols[None, :], stride_m, rows_pad, CSLT)
-        tl.store(meta_ptr + offs, words.to(tl.int16), mask=w_ok)
+        if CSLT:
+            # Words hold rows c, c+8 of groups f, f+4 of each 16-row x 32-feature block (rows 16A + 8b + c,
+            # groups 8D + 4e + f): nibble b + 2e. Needs BT % 16 == 0 and BF % 32 == 0.
+            nib = tl.reshape(i0 | (i1 << 2), (BT // 16, 2, 8, G))
+            nib = tl.sum(nib << (tl.arange(0, 2) * 4)[None, :, None, None], axis=1)              # [BT/16, 8, G]
+            nib = tl.reshape(nib, (BT // 16, 8, G // 8, 2, 4))
+            words = tl.sum(nib << (tl.arange(0, 2) * 8)[None, None, None, :, None], axis=3)     # [BT/16, 8, G/8, 4]
+            blk_r = (pid_r * (BT // 16) + tl.arange(0, BT // 16)).to(tl.int64)[:, None, None, None]
+            c = tl.arange(0, 8)[None, :, None, None]
+            blk_f = (pid_c * (G // 8) + tl.arange(0, G // 8))[None, None, :, None]
+            f = tl.arange(0, 4)[None, None, None, :]
+            offs = (blk_r // 4) * (4 * cols_pad) + blk_f * 128 + (blk_r % 4) * 32 + c * 4 + f
+            ok = (blk_r * 16 < rows_pad) & (blk_f * 32 < cols_pad) & (c >= 0) & (f >= 0)
+            tl.store(meta_ptr + offs, words.to(tl.int16), mask=ok)
+        else:
+            words = _pack_words(i0, i1, BT, W)                             # [BT, W], 16 significant bits
+            wcols = pid_c * W + tl.arange(0, W)
+            w_ok = store_rows_ok[:, None] & (wcols < cols_pad // 16)[None, :]
+            tl.store(meta_ptr + rows[:, None].to(tl.int64) * stride_m + wcols[None, :], words.to(tl.int16),
+                     mask=w_ok)
 
         if WRITE_DENSE:
             zero = tl.zeros_like(ra)
@@ -207,7 +226,7 @@ if HAS_TRITON:
         return _join4(d0, d1, d2, d3, BT, G)
 
     @triton.jit
-    def _decompress_kernel(vals_ptr, meta_ptr, out_ptr, n_rows, n_cols, rows_pad,
+    def _decompress_kernel(vals_ptr, meta_ptr, out_ptr, n_rows, n_cols, cols_pad,
                            stride_v, stride_m, stride_o,
                            BT: tl.constexpr, BF: tl.constexpr, CSLT: tl.constexpr):
         G: tl.constexpr = BF // 4
@@ -221,7 +240,7 @@ if HAS_TRITON:
         v = tl.load(vals_ptr + rows[:, None].to(tl.int64) * stride_v + hcols[None, :],
                     mask=row_ok[:, None] & (hcols < n_half)[None, :], other=0.0)
         v0, v1 = tl.split(tl.reshape(v, (BT, G, 2)))
-        nib = _load_meta_nibbles(meta_ptr, rows.to(tl.int64), pid_c * W, stride_m, rows_pad,
+        nib = _load_meta_nibbles(meta_ptr, rows.to(tl.int64), pid_c * W, stride_m, cols_pad,
                                  (n_cols + 15) // 16, row_ok, BT, W, CSLT)
         dense = _expand(v0, v1, nib, BT, G)
         cols = pid_c * BF + tl.arange(0, BF)
@@ -229,7 +248,7 @@ if HAS_TRITON:
                  mask=row_ok[:, None] & (cols < n_cols)[None, :])
 
     @triton.jit
-    def _masked_grad_kernel(gs_ptr, vals_ptr, meta_ptr, gy_ptr, dense_ptr, n_rows, n_cols, rows_pad,
+    def _masked_grad_kernel(gs_ptr, vals_ptr, meta_ptr, gy_ptr, dense_ptr, n_rows, n_cols, cols_pad,
                             stride_g, stride_v, stride_m, stride_gy, stride_d,
                             BT: tl.constexpr, BF: tl.constexpr, CSLT: tl.constexpr, WRITE_DENSE: tl.constexpr):
         G: tl.constexpr = BF // 4
@@ -243,7 +262,7 @@ if HAS_TRITON:
         v = tl.load(vals_ptr + rows[:, None].to(tl.int64) * stride_v + hcols[None, :],
                     mask=row_ok[:, None] & (hcols < n_half)[None, :], other=0.0)
         v0, v1 = tl.split(tl.reshape(v, (BT, G, 2)))
-        nib = _load_meta_nibbles(meta_ptr, rows.to(tl.int64), pid_c * W, stride_m, rows_pad,
+        nib = _load_meta_nibbles(meta_ptr, rows.to(tl.int64), pid_c * W, stride_m, cols_pad,
                                  (n_cols + 15) // 16, row_ok, BT, W, CSLT)
         f0 = 2.0 * tl.sqrt(v0.to(tl.float32))                             # d(r^2)/dy1 = 2 r = 2 sqrt(s)
         f1 = 2.0 * tl.sqrt(v1.to(tl.float32))
@@ -259,10 +278,10 @@ if HAS_TRITON:
             tl.store(dense_ptr + rows[:, None].to(tl.int64) * stride_d + cols[None, :], dense, mask=ok)
 
 
-# Tile sizes: (rows, features, warps). Chosen on an H100 by benchmarks/bench_elas_ffn.py; BT multiple of 32 and
-# BF multiple of 64 keep the cuSPARSELt metadata writes inside whole 32x32 blocks.
-_COMPRESS_TILE = (32, 128, 4)
-_ELEMWISE_TILE = (32, 128, 4)
+# Tile sizes: (rows, features, warps), the fastest of benchmarks/bench_elas_ffn.py's sweep on an H100 (1B shape,
+# T=64k; the spread over tiles was under 15%). The cuSPARSELt writer needs rows % 16 == 0 and features % 32 == 0.
+_COMPRESS_TILE = (16, 128, 4)
+_ELEMWISE_TILE = (16, 256, 4)
 
 
 def set_tiles(compress: tuple[int, int, int] | None = None, elementwise: tuple[int, int, int] | None = None):
@@ -317,6 +336,8 @@ def relu2_sparse24_compress(y1: torch.Tensor, *, layout: str = "rowmajor", write
     if write_dense:
         dense = torch.empty(n_rows, n_cols, dtype=dense_dtype or y1.dtype, device=y1.device)
     bt, bf, nw = _COMPRESS_TILE
+    if layout == "cusparselt" and (bt % 16 or bf % 32):
+        raise ValueError(f"compress tile {_COMPRESS_TILE} must be a multiple of (16, 32) for the cuSPARSELt layout")
     grid = (triton.cdiv(rows_pad, bt), triton.cdiv(cols_pad, bf))
     _compress_kernel[grid](
         y1, vals, meta, dense if dense is not None else vals,
@@ -337,7 +358,7 @@ def sparse24_decompress(c: Compressed, *, out: torch.Tensor | None = None) -> to
         out = torch.empty(c.rows, c.cols, dtype=c.vals.dtype, device=c.vals.device)
     bt, bf, nw = _ELEMWISE_TILE
     grid = (triton.cdiv(c.rows, bt), triton.cdiv(c.cols, bf))
-    _decompress_kernel[grid](c.vals, c.meta, out, c.rows, c.cols, c.rows_pad,
+    _decompress_kernel[grid](c.vals, c.meta, out, c.rows, c.cols, c.cols_pad,
                              c.vals.stride(0), _meta_stride(c), out.stride(0),
                              BT=bt, BF=bf, CSLT=c.layout == "cusparselt", num_warps=nw)
     return out
@@ -364,7 +385,7 @@ def relu2_sparse24_masked_grad(grad_s: torch.Tensor, c: Compressed, *, write_den
     bt, bf, nw = _ELEMWISE_TILE
     grid = (triton.cdiv(c.rows, bt), triton.cdiv(c.cols, bf))
     _masked_grad_kernel[grid](grad_s, c.vals, c.meta, grad_y1, dense if dense is not None else grad_y1,
-                              c.rows, c.cols, c.rows_pad,
+                              c.rows, c.cols, c.cols_pad,
                               grad_s.stride(0), c.vals.stride(0), _meta_stride(c), grad_y1.stride(0),
                               dense.stride(0) if dense is not None else 0,
                               BT=bt, BF=bf, CSLT=c.layout == "cusparselt", WRITE_DENSE=write_dense,

@@ -50,23 +50,28 @@ def test_kept_indices_rejects_bad_masks():
 
 
 @pytest.mark.parametrize("rows,cols", [(128, 128), (256, 384), (384, 128)])
-def test_cslt_offsets_are_a_permutation(rows, cols):
-    off = L.cslt_meta_word_offsets(rows, cols).reshape(-1)
-    assert torch.equal(off.sort().values, torch.arange(rows * cols // 16))
+def test_cslt_positions_are_a_bijection(rows, cols):
+    word, nibble = L.cslt_meta_positions(rows, cols)
+    bit = (word * 4 + nibble).reshape(-1)                 # nibble slot of every group
+    assert torch.equal(bit.sort().values, torch.arange(rows * cols // 4))
 
 
-def test_cslt_offsets_known_positions():
-    off = L.cslt_meta_word_offsets(256, 256)
-    # inside a 32x32 block: rows 0/8 share a 32-bit line, the next 16 features follow, rows 16.. at +4
-    assert [int(off[i, w]) for i, w in [(0, 0), (8, 0), (0, 1), (8, 1), (16, 0), (24, 0), (1, 0), (7, 0)]] == \
-        [0, 1, 2, 3, 4, 5, 8, 56]
-    assert int(off[32, 0]) == 64 and int(off[0, 2]) == 256          # next 32-row block / next 32 features
-    assert int(off[128, 0]) == 512 and int(off[0, 4]) == 512 * 2    # 128x64 tiles, column-major over the matrix
+# Read off torch._cslt_compress on an H100 (cuSPARSELt 0.8) by benchmarks/probe_cslt_layout.py, 256x256 matrix:
+# (row, group) -> (word, nibble).
+PROBED = {(0, 0): (0, 0), (0, 1): (1, 0), (0, 4): (0, 2), (0, 8): (128, 0), (0, 16): (256, 0), (1, 0): (4, 0),
+          (2, 0): (8, 0), (4, 0): (16, 0), (8, 0): (0, 1), (16, 0): (32, 0), (64, 0): (1024, 0), (9, 5): (5, 3),
+          (255, 63): (3071 + 1024, 3)}
+
+
+def test_cslt_positions_match_the_probe():
+    word, nibble = L.cslt_meta_positions(256, 256)
+    for (i, g), (w, n) in PROBED.items():
+        assert (int(word[i, g]), int(nibble[i, g])) == (w, n), (i, g)
 
 
 def test_cslt_layout_needs_padding():
     with pytest.raises(ValueError, match="multiples of 128"):
-        L.cslt_meta_word_offsets(100, 128)
+        L.cslt_meta_positions(100, 128)
 
 
 def test_cslt_buffer_roundtrip_and_size():
