@@ -25,6 +25,11 @@ __all__ = ["relu2_sparse24_matmul_reference", "GRAD_MODES"]
 GRAD_MODES = ("masked", "dense")
 
 
+def _keep(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Zero the dropped entries (``where``, not ``x * mask``: a dropped inf must become 0, not NaN)."""
+    return torch.where(mask, x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
 class _Relu2Sparse24Matmul(torch.autograd.Function):
     @staticmethod
     def forward(ctx, y1: torch.Tensor, weight: torch.Tensor, sparse: bool, grad_mode: str) -> torch.Tensor:
@@ -34,12 +39,12 @@ class _Relu2Sparse24Matmul(torch.autograd.Function):
             ctx.save_for_backward(r, weight)
             ctx.kind = "dense_net"
         elif grad_mode == "masked":
-            s = r * r * sparse24_mask(r)                      # relu(y1)**2 >= 0: magnitude order = order of r
+            s = _keep(r * r, sparse24_mask(r))               # relu(y1)**2 >= 0: magnitude order = order of r
             ctx.save_for_backward(s, weight)
             ctx.kind = "masked"
         else:
             mask = sparse24_mask(r)
-            s = r * r * mask
+            s = _keep(r * r, mask)
             ctx.save_for_backward(r, mask, weight)
             ctx.kind = "ste"
         return s @ weight                                     # [..., r]
@@ -55,7 +60,7 @@ class _Relu2Sparse24Matmul(torch.autograd.Function):
             grad_y1_factor = 2 * r
         else:
             r, mask, weight = ctx.saved_tensors
-            s = r * r * mask
+            s = _keep(r * r, mask)
             grad_y1_factor = 2 * r
         grad_s = grad_z @ weight.t()                          # [..., f]
         grad_y1 = grad_s * grad_y1_factor

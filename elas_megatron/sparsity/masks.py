@@ -49,6 +49,7 @@ def sparse24_mask(x: torch.Tensor) -> torch.Tensor:
 def sparse24(x: torch.Tensor) -> torch.Tensor:
     """``x`` with its 2:4 pattern applied along the last dimension (dropped entries set to zero).
 
-    Differentiable: the gradient flows to the kept entries only (it is ``x * mask`` with a constant mask).
+    Differentiable: the gradient flows to the kept entries only. Dropped entries are exactly zero even when they
+    hold +-inf (``x * mask`` would turn them into NaN).
     """
-    return x * sparse24_mask(x)
+    return torch.where(sparse24_mask(x), x, torch.zeros((), dtype=x.dtype, device=x.device))
