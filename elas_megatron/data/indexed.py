@@ -1,7 +1,9 @@
 """Megatron indexed datasets (``.bin``/``.idx``) on disk: written atomically, checked before use, merged.
 
-Token files are written with Megatron-Core's own writer (``megatron.core.datasets.indexed_dataset``), so that
-``GPTDataset`` and ``BlendedMegatronDatasetBuilder`` read them unchanged. Three things are ours:
+The files are byte for byte what Megatron-Core's ``megatron.core.datasets.indexed_dataset.IndexedDatasetBuilder``
+writes (tests compare both), so ``GPTDataset`` and ``BlendedMegatronDatasetBuilder`` read them unchanged; we write
+them with numpy so that tokenizer workers need not import Megatron-Core and torch (seconds and ~300 MB each),
+and so that merging streams instead of holding every document length in Python lists. Three more things are ours:
 
 * **Atomic, resumable output.** A shard is written under ``{prefix}.partial.*`` names and renamed when complete:
   ``.bin`` first, then the ``.meta.json`` sidecar, then ``.idx`` last. A prefix counts as complete only when its
@@ -38,7 +40,8 @@ PARTIAL = ".partial"
 _INDEX_HEADER = b"MMIDIDX\x00\x00"
 _HEADER_BYTES = 9 + 8 + 1 + 8 + 8  # magic, version, dtype code, sequence count, document count
 _DTYPE_CODES = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 6: np.float64, 7: np.float32,
-                8: np.uint16}
+                8: np.uint16}  # megatron.core.datasets.indexed_dataset.DType
+_CODE_OF_DTYPE = {np.dtype(t): code for code, t in _DTYPE_CODES.items()}
 _META_VERSION = 1
 
 
@@ -235,11 +238,20 @@ def _publish(prefix: str) -> None:
         os.replace(partial[i], final[i])
 
 
+def _index_header(dtype: type[np.number], sequences: int, documents: int) -> bytes:
+    return (_INDEX_HEADER + struct.pack("<Q", 1) + struct.pack("<B", _CODE_OF_DTYPE[np.dtype(dtype)])
+            + struct.pack("<Q", sequences) + struct.pack("<Q", documents))
+
+
 class ShardWriter:
     """Writes one indexed dataset under ``.partial`` names and publishes it atomically on :meth:`commit`.
 
-    Use as a context manager: leaving the block without :meth:`commit` (an exception, a kill) deletes nothing that
-    was complete before and leaves at most ``.partial`` files, which the next run removes.
+    The bytes are those of Megatron's ``IndexedDatasetBuilder`` with one sequence per document (a test compares
+    them), written with numpy instead: importing Megatron-Core pulls in torch, which costs every tokenizer worker
+    seconds of start-up and ~300 MB of memory, and its builder keeps per-document Python lists.
+
+    Use as a context manager: leaving the block without :meth:`commit` (an exception) deletes the ``.partial``
+    files; a kill leaves them, and the next run removes them. Complete outputs are never touched before commit.
     """
 
     def __init__(self, prefix: str, *, vocab_size: int, meta: dict) -> None:
@@ -248,35 +260,39 @@ class ShardWriter:
         self.meta = dict(meta)
         self.stats = ShardStats()
         self._lock: contextlib.AbstractContextManager | None = None
-        self._builder = None
+        self._data = None
+        self._lengths: list[np.ndarray] = []
 
     def __enter__(self) -> ShardWriter:
-        from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
-
         os.makedirs(os.path.dirname(os.path.abspath(self.prefix)), exist_ok=True)
         self._lock = _exclusive(self.prefix)
         self._lock.__enter__()
         remove_partials(self.prefix)
-        self._builder = IndexedDatasetBuilder(_paths(self.prefix, partial=True)[0], dtype=self.dtype)
+        self._data = open(_paths(self.prefix, partial=True)[0], "wb")  # noqa: SIM115 (closed in commit/__exit__)
         return self
 
     def add_documents(self, tokens: np.ndarray, lengths: np.ndarray) -> None:
         """Append documents given as one concatenated token array and their lengths (EOS included)."""
-        builder = self._builder
-        assert builder is not None, "use ShardWriter as a context manager"
-        tokens = np.asarray(tokens, dtype=self.dtype)
-        start = 0
-        for length in lengths.tolist():
-            builder.add_document(tokens[start:start + length], [length])
-            start += length
+        assert self._data is not None, "use ShardWriter as a context manager"
+        lengths = np.asarray(lengths, dtype=np.int32)
+        assert int(lengths.sum()) == len(tokens), "lengths must add up to the token count"
+        self._data.write(np.asarray(tokens, dtype=self.dtype).tobytes(order="C"))
+        self._lengths.append(lengths)
 
     def commit(self) -> None:
         """Finish the index, write the sidecar and rename ``.bin`` -> sidecar -> ``.idx`` (the commit point)."""
-        builder = self._builder
-        assert builder is not None
+        assert self._data is not None
+        self._data.close()
+        self._data = None
         bin_tmp, idx_tmp, meta_tmp = _paths(self.prefix, partial=True)
-        builder.finalize(idx_tmp)
-        self._builder = None
+        lengths = np.concatenate(self._lengths) if self._lengths else np.zeros(0, dtype=np.int32)
+        pointers = np.zeros(len(lengths), dtype=np.int64)
+        np.cumsum(lengths[:-1].astype(np.int64) * np.dtype(self.dtype).itemsize, out=pointers[1:])
+        with open(idx_tmp, "wb") as f:
+            f.write(_index_header(self.dtype, len(lengths), len(lengths) + 1))
+            f.write(lengths.tobytes(order="C"))
+            f.write(pointers.tobytes(order="C"))
+            f.write(np.arange(len(lengths) + 1, dtype=np.int64).tobytes(order="C"))  # one sequence per document
         meta = {"format": "elas-megatron indexed dataset", "meta_version": _META_VERSION,
                 **self.meta, **asdict(self.stats), "dtype": np.dtype(self.dtype).name,
                 "bin_bytes": os.path.getsize(bin_tmp), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
@@ -285,9 +301,9 @@ class ShardWriter:
         _publish(self.prefix)
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if self._builder is not None:  # not committed: drop the half-written files (a kill leaves them .partial)
-            self._builder.data_file.close()
-            self._builder = None
+        if self._data is not None:  # not committed: drop the half-written files (a kill leaves them .partial)
+            self._data.close()
+            self._data = None
             remove_partials(self.prefix)
         if self._lock is not None:
             self._lock.__exit__(exc_type, exc, tb)
@@ -307,13 +323,10 @@ def _write_merged_index(idx_path: str, infos: Sequence[DatasetInfo]) -> None:
     # The same bytes Megatron's IndexedDatasetBuilder.add_index + finalize produce (a test compares them), but
     # streamed one section and one input at a time: Megatron's builder holds every document length of the merge
     # in Python lists (~80 bytes per document, ~30 GB for all of C4) and computes offsets in a Python loop.
-    from megatron.core.datasets.indexed_dataset import DType
-
     sequences = sum(i.sequences for i in infos)
     documents = sum(i.documents for i in infos) + 1
     with open(idx_path, "wb") as f:
-        f.write(_INDEX_HEADER + struct.pack("<Q", 1) + struct.pack("<B", DType.code_from_dtype(infos[0].dtype)))
-        f.write(struct.pack("<Q", sequences) + struct.pack("<Q", documents))
+        f.write(_index_header(infos[0].dtype, sequences, documents))
         for info in infos:
             f.write(_index_arrays(info)[0].tobytes(order="C"))
         byte_offset = 0

@@ -402,8 +402,6 @@ def tokenize_corpus(sources: Sequence[Source], output_prefix: str, tokenizer: To
     """
     options = options or TokenizeOptions()
     workers = options.resolved_workers()
-    import megatron.core.datasets.indexed_dataset  # noqa: F401  (seconds of imports: keep them off the clock)
-
     start = time.perf_counter()
     outcomes: list[ShardOutcome] = []
     tasks: list[tuple[Source, str]] = []
