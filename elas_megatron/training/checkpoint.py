@@ -10,6 +10,8 @@ A save goes to the temporary directory; only when every rank has finished writin
 ``elas_meta.json``, rename the directory into place and replace ``latest`` atomically (``os.replace``). A
 process killed at any point therefore leaves either the previous checkpoint as latest or the new one complete.
 Sharded tensors are keyed by global shape, so a checkpoint saved with one TP/PP layout loads into another.
+State that only exists per rank (DeepSpeed ZeRO optimizer partitions, under ``zero/``) is written by every rank
+into the same temporary directory before it is published, so it is covered by the same atomicity.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ import json
 import logging
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import torch.distributed as dist
@@ -63,8 +66,13 @@ class CheckpointManager:
             raise CheckpointError(f"{path} is not a complete elas-megatron checkpoint (no {META})")
         return json.loads(meta.read_text())
 
-    def save(self, step: int, sharded_state_dict: dict, meta: dict) -> Path:
-        """Write ``sharded_state_dict`` for ``step`` atomically; all ranks must call it."""
+    def save(self, step: int, sharded_state_dict: dict, meta: dict,
+             write_local: Callable[[Path], None] | None = None) -> Path:
+        """Write ``sharded_state_dict`` for ``step`` atomically; all ranks must call it.
+
+        ``write_local(directory)``, if given, runs on every rank after the sharded save and before the directory
+        is published, for state that lives per rank (DeepSpeed's ZeRO optimizer partitions).
+        """
         from megatron.core import dist_checkpointing
 
         final = self.dir / self.step_name(step)
@@ -80,6 +88,8 @@ class CheckpointManager:
                                       "or set checkpoint.dir") from None
         _barrier()
         dist_checkpointing.save(sharded_state_dict, str(tmp))
+        if write_local is not None:
+            write_local(tmp)
         _barrier()
         if self.is_writer:
             (tmp / META).write_text(json.dumps(dict(meta, step=step), indent=1))

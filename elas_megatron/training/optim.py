@@ -1,15 +1,25 @@
-"""Optimizer and learning-rate schedule, built from Megatron-Core's own pieces.
+"""Optimizer backends and the learning-rate schedule.
 
-AdamW through ``get_megatron_optimizer`` (fp32 master weights under bf16, global grad-norm clipping over the
-model-parallel group, and the distributed optimizer when ``parallel.zero_stage >= 1``) and a linear warm-up +
-cosine decay through ``OptimizerParamScheduler``. Megatron's default parameter groups apply: no weight decay
-on biases and 1-D parameters (the RMSNorm gains); low-rank factors decay like any matrix.
+Two interchangeable data-parallel optimizer backends, chosen by ``parallel.optimizer``, behind one small
+interface the trainer drives (:class:`MegatronOptimizer` here, :class:`~elas_megatron.parallel.zero.DeepSpeedZeRO`
+for DeepSpeed):
+
+* ``megatron``: megatron-core ``DistributedDataParallel`` chunks + ``get_megatron_optimizer`` (AdamW, fp32 master
+  weights under bf16, global grad-norm clipping over the model-parallel group, and the distributed optimizer --
+  states and gradients sharded over DP -- when ``parallel.zero_stage >= 1``).
+* ``deepspeed``: DeepSpeed ZeRO-1/2 with torch's AdamW (see :mod:`elas_megatron.parallel.zero`).
+
+Both use the same parameter groups (no weight decay on biases and 1-D parameters such as the RMSNorm gains;
+low-rank factors decay like any matrix) and the same linear warm-up + cosine decay through megatron's
+``OptimizerParamScheduler``, so the two backends compute the same update up to floating-point reduction order.
 """
 from __future__ import annotations
 
 import torch
 
 from elas_megatron.config.schema import Config
+
+__all__ = ["warmup_steps", "param_groups", "build_scheduler", "MegatronOptimizer", "build_optimizer_backend"]
 
 
 def warmup_steps(cfg: Config) -> int:
@@ -18,23 +28,119 @@ def warmup_steps(cfg: Config) -> int:
     return int(cfg.optim.warmup_fraction * cfg.train.steps)
 
 
-def build_optimizer(cfg: Config, model_chunks: list, *, bf16: bool):
-    """AdamW over ``model_chunks`` (DDP-wrapped megatron modules) and its LR scheduler."""
-    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+def param_groups(model_chunks: list[torch.nn.Module]) -> list[dict]:
+    """AdamW groups as megatron's default builds them: ``wd_mult`` 0 for biases and 1-D parameters.
+
+    ``wd_mult`` is read by ``OptimizerParamScheduler`` when it sets each group's weight decay.
+    """
+    decay, no_decay = [], []
+    for chunk in model_chunks:
+        for name, param in chunk.named_parameters():
+            if not param.requires_grad:
+                continue
+            (no_decay if name.endswith(".bias") or param.dim() == 1 else decay).append(param)
+    groups = [{"params": decay, "wd_mult": 1.0, "lr_mult": 1.0}, {"params": no_decay, "wd_mult": 0.0, "lr_mult": 1.0}]
+    return [g for g in groups if g["params"]]
+
+
+def build_scheduler(cfg: Config, optimizer):
+    """Linear warm-up from 0 to ``optim.lr``, cosine decay to ``optim.lr * optim.min_lr_ratio`` at the last step."""
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
     o = cfg.optim
-    opt_cfg = OptimizerConfig(
-        optimizer="adam", lr=o.lr, min_lr=o.lr * o.min_lr_ratio, weight_decay=o.weight_decay,
-        adam_beta1=o.beta1, adam_beta2=o.beta2, adam_eps=o.eps, clip_grad=o.clip_grad,
-        bf16=bf16, params_dtype=torch.bfloat16 if bf16 else torch.float32,
-        use_distributed_optimizer=cfg.parallel.optimizer == "megatron" and cfg.parallel.zero_stage >= 1,
-    )
-    optimizer = get_megatron_optimizer(opt_cfg, model_chunks)
-    scheduler = OptimizerParamScheduler(
+    return OptimizerParamScheduler(
         optimizer, init_lr=0.0, max_lr=o.lr, min_lr=o.lr * o.min_lr_ratio,
         lr_warmup_steps=warmup_steps(cfg), lr_decay_steps=cfg.train.steps, lr_decay_style="cosine",
         start_wd=o.weight_decay, end_wd=o.weight_decay, wd_incr_steps=cfg.train.steps, wd_incr_style="constant",
         use_checkpoint_opt_param_scheduler=True, override_opt_param_scheduler=False,
     )
-    return optimizer, scheduler
+
+
+class MegatronOptimizer:
+    """megatron-core DDP + optimizer as a backend of the trainer.
+
+    Args:
+        cfg: the run config.
+        model_chunks: ``DistributedDataParallel``-wrapped chunks (one per virtual pipeline stage).
+        bf16: bf16 parameters with fp32 master weights.
+    """
+
+    name = "megatron"
+
+    def __init__(self, cfg: Config, model_chunks: list, *, bf16: bool) -> None:
+        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+        o = cfg.optim
+        opt_cfg = OptimizerConfig(
+            optimizer="adam", lr=o.lr, min_lr=o.lr * o.min_lr_ratio, weight_decay=o.weight_decay,
+            adam_beta1=o.beta1, adam_beta2=o.beta2, adam_eps=o.eps, clip_grad=o.clip_grad,
+            bf16=bf16, params_dtype=torch.bfloat16 if bf16 else torch.float32,
+            use_distributed_optimizer=cfg.parallel.zero_stage >= 1,
+        )
+        self.chunks = model_chunks
+        self.optimizer = get_megatron_optimizer(opt_cfg, model_chunks)
+
+    def configure_schedule(self, tconfig) -> None:
+        """Hooks megatron's schedule calls: DDP grad sync control, loss scaling, grad finalisation."""
+        from megatron.core.distributed import finalize_model_grads
+
+        tconfig.finalize_model_grads_func = finalize_model_grads
+        tconfig.grad_scale_func = self.optimizer.scale_loss
+        no_sync = [m.no_sync for m in self.chunks]
+        tconfig.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
+
+    def zero_grad(self) -> None:
+        for chunk in self.chunks:
+            chunk.zero_grad_buffer()
+        self.optimizer.zero_grad()
+
+    def before_microbatch(self, index: int, num_microbatches: int) -> None:
+        """Nothing to do: megatron DDP reduces in ``finalize_model_grads``."""
+
+    def step(self) -> tuple[bool, float | None]:
+        success, grad_norm, _ = self.optimizer.step()
+        return success, (float(grad_norm) if grad_norm is not None else None)
+
+    def sharded_state_dict(self, model_sharded_state_dict: dict, *, is_loading: bool, metadata: dict | None):
+        """The optimizer state as dist-checkpointing sharded tensors (reshardable across TP/PP/DP)."""
+        if is_loading:
+            self._materialize_distributed_optimizer_state()
+        return self.optimizer.sharded_state_dict(model_sharded_state_dict, is_loading=is_loading, metadata=metadata)
+
+    def _materialize_distributed_optimizer_state(self) -> None:
+        """Give a fresh distributed optimizer Adam states to load into.
+
+        Without Apex/TE (CPU, or a bare GPU install) megatron's ``DistributedOptimizer.state_dict`` reads the
+        ``step`` of torch's Adam states, which do not exist before the first step, and asserts. Megatron's own
+        remedy is ``_init_optimizer_states_with_dummy_values`` (one step on zero gradients, overwritten by the
+        load); it runs here with the learning rate forced to 0, so that step (weight decay included) leaves the
+        weights untouched.
+        """
+        from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+        for opt in getattr(self.optimizer, "chained_optimizers", [self.optimizer]):
+            if isinstance(opt, DistributedOptimizer) and len(opt.optimizer.state) == 0:
+                lrs = [g["lr"] for g in opt.optimizer.param_groups]
+                for g in opt.optimizer.param_groups:
+                    g["lr"] = 0.0
+                opt._init_optimizer_states_with_dummy_values()
+                for g, lr in zip(opt.optimizer.param_groups, lrs):
+                    g["lr"] = lr
+
+    def load_state_dict(self, state: dict) -> None:
+        # no_grad: with fp32 parameters the distributed optimizer's main params are views of the (leaf) model
+        # parameters, which the load copies into in place.
+        with torch.no_grad():
+            self.optimizer.load_state_dict(state)
+
+    def close(self) -> None:
+        """Nothing to release."""
+
+
+def build_optimizer_backend(cfg: Config, model_chunks: list, *, bf16: bool, dp_size: int):
+    """The backend named by ``parallel.optimizer`` over ``model_chunks`` (wrapped as that backend needs)."""
+    if cfg.parallel.optimizer == "deepspeed":
+        from elas_megatron.parallel.zero import DeepSpeedZeRO
+
+        return DeepSpeedZeRO(cfg, model_chunks, param_groups(model_chunks), dp_size=dp_size, bf16=bf16)
+    return MegatronOptimizer(cfg, model_chunks, bf16=bf16)

@@ -1,8 +1,10 @@
 """The training loop: a small class whose methods each do one thing (build, train_step, evaluate, save/load).
 
 One code path for every layout: the step always runs through Megatron-Core's ``get_forward_backward_func``
-(no pipelining, 1F1B, or interleaved 1F1B), gradients are reduced by Megatron DDP and ``finalize_model_grads``,
-and the optimizer is Megatron's. A single-process CPU run is simply the layout TP=PP=DP=1.
+(no pipelining, 1F1B, or interleaved 1F1B). The data-parallel optimizer backend (``parallel.optimizer``) is
+either megatron-core's DDP + (distributed) optimizer or DeepSpeed ZeRO-1/2 (:mod:`elas_megatron.training.optim`,
+:mod:`elas_megatron.parallel.zero`); both plug into the schedule through its hooks (``finalize_model_grads_func``
+etc.). A single-process CPU run is simply the layout TP=PP=DP=1.
 """
 from __future__ import annotations
 
@@ -19,9 +21,10 @@ from elas_megatron.config.loader import config_to_dict, dump_config
 from elas_megatron.config.schema import Config, validate
 from elas_megatron.data.loader import StepBatches
 from elas_megatron.parallel.setup import ParallelInfo, initialize_parallel
+from elas_megatron.parallel.zero import check_deepspeed_config
 from elas_megatron.training.checkpoint import CheckpointError, CheckpointManager
 from elas_megatron.training.metrics import MetricsLogger
-from elas_megatron.training.optim import build_optimizer
+from elas_megatron.training.optim import build_optimizer_backend, build_scheduler
 
 logger = logging.getLogger(__name__)
 
@@ -31,45 +34,47 @@ _MODEL_IDENTITY = ("variant", "hidden_size", "num_layers", "num_heads", "num_kv_
 
 
 def resolve_bf16(cfg: Config, device: torch.device) -> bool:
+    """``train.dtype`` -> bf16 parameters? (auto: on CUDA). bf16 on CPU runs, slowly: it is for tests only."""
     if cfg.train.dtype == "bf16" and device.type == "cpu":
-        raise ValueError("train.dtype=bf16 is only supported on CUDA; use train.dtype=auto or fp32 on CPU")
+        logger.warning("train.dtype=bf16 on CPU: correct but slow; meant for testing the bf16 code path")
     return cfg.train.dtype == "bf16" or (cfg.train.dtype == "auto" and device.type == "cuda")
 
 
 class Trainer:
-    """Builds everything from a :class:`Config` and trains. All ranks of a torchrun job construct one."""
+    """Builds everything from a :class:`Config` and trains. All ranks of a torchrun job construct one.
 
-    def __init__(self, cfg: Config, *, resume: bool = False) -> None:
-        from elas_megatron.data.datasets import build_datasets
-        from elas_megatron.data.tokenizer import load_tokenizer
+    Args:
+        cfg: the run config.
+        resume: continue from the latest checkpoint in ``checkpoint.dir`` (if any).
+        datasets: ``(train, valid)`` sample sequences to use instead of building them from ``cfg.data`` (tests,
+            benchmarks); each item is a dict with ``tokens``, ``labels``, ``loss_mask`` and ``position_ids`` of
+            length ``train.seq_len``. ``model.vocab_size`` must then be set (no tokenizer is read).
+    """
+
+    def __init__(self, cfg: Config, *, resume: bool = False, datasets: tuple | None = None) -> None:
         from elas_megatron.models.flops import flops_per_token
         from elas_megatron.sparsity.schedule import SparsitySchedule
 
         self.info: ParallelInfo = initialize_parallel(cfg.parallel, seed=cfg.train.seed, device=cfg.train.device)
         validate(cfg, self.info.world_size)
+        check_deepspeed_config(cfg)
         self.cfg = cfg
         self.device = self.info.device
         self.bf16 = resolve_bf16(cfg, self.device)
-        tokenizer = load_tokenizer(cfg.data.tokenizer)
-        self.vocab_size = cfg.model.vocab_size or tokenizer.vocab_size
-        if self.vocab_size < tokenizer.vocab_size:
-            raise ValueError(f"model.vocab_size={self.vocab_size} is smaller than the tokenizer's vocabulary "
-                             f"({tokenizer.vocab_size}, {cfg.data.tokenizer}); remove it or set it >= "
-                             f"{tokenizer.vocab_size}")
+        self.vocab_size = self._resolve_vocab_size(datasets is not None)
         self.run_dir = Path(cfg.train.run_dir)
         if self.info.global_rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             dump_config(cfg, self.run_dir / "config.yaml")
 
         self.model = self._build_model()
-        self.optimizer, self.scheduler = build_optimizer(cfg, self.model, bf16=self.bf16)
-        self._wire_schedule_hooks()
+        self.backend = build_optimizer_backend(cfg, self.model, bf16=self.bf16, dp_size=self.info.dp_size)
+        self.optimizer = self.backend.optimizer
+        self.scheduler = build_scheduler(cfg, self.optimizer)
+        self.backend.configure_schedule(self.tconfig)
 
         t = cfg.train
-        train_ds, valid_ds = build_datasets(
-            cfg.data, seq_len=t.seq_len, seed=t.seed, train_samples=t.steps * t.global_batch,
-            valid_samples=max(1, t.eval_iters * t.micro_batch * self.info.dp_size), vocab_size=self.vocab_size,
-            cache_dir=cfg.data.cache_dir or str(self.run_dir / "data_cache"))
+        train_ds, valid_ds = datasets if datasets is not None else self._build_datasets()
         batch_args = dict(micro_batch=t.micro_batch, dp_rank=self.info.dp_rank, dp_size=self.info.dp_size,
                           device=self.device)
         self.train_batches = StepBatches(train_ds, global_batch=t.global_batch, **batch_args)
@@ -82,13 +87,41 @@ class Trainer:
                                      flops_per_token=flops_per_token(cfg.model, self.vocab_size, t.seq_len),
                                      device=self.device, num_gpus=self.info.world_size)
         self.step = 0
+        self._microbatch: int | None = None  # index of the next training micro-batch within a step
+        self._num_microbatches = 0
         self.last_val_loss: float | None = None
         if resume:
             self.load_latest()
 
     # ----------------------------------------------------------------------------------------------- build
+    def _resolve_vocab_size(self, have_datasets: bool) -> int:
+        cfg = self.cfg
+        if have_datasets:
+            if cfg.model.vocab_size is None:
+                raise ValueError("Trainer(datasets=...) needs model.vocab_size: there is no tokenizer to take it from")
+            return cfg.model.vocab_size
+        from elas_megatron.data.tokenizer import load_tokenizer
+
+        tokenizer = load_tokenizer(cfg.data.tokenizer)
+        vocab_size = cfg.model.vocab_size or tokenizer.vocab_size
+        if vocab_size < tokenizer.vocab_size:
+            raise ValueError(f"model.vocab_size={vocab_size} is smaller than the tokenizer's vocabulary "
+                             f"({tokenizer.vocab_size}, {cfg.data.tokenizer}); remove it or set it >= "
+                             f"{tokenizer.vocab_size}")
+        return vocab_size
+
+    def _build_datasets(self) -> tuple:
+        from elas_megatron.data.datasets import build_datasets
+
+        t = self.cfg.train
+        return build_datasets(
+            self.cfg.data, seq_len=t.seq_len, seed=t.seed, train_samples=t.steps * t.global_batch,
+            valid_samples=max(1, t.eval_iters * t.micro_batch * self.info.dp_size), vocab_size=self.vocab_size,
+            cache_dir=self.cfg.data.cache_dir or str(self.run_dir / "data_cache"))
+
     def _build_model(self) -> list[torch.nn.Module]:
-        """Model chunks (one per virtual pipeline stage), on the device, bf16-wrapped and DDP-wrapped."""
+        """Model chunks (one per virtual pipeline stage) on the device, bf16-wrapped, and DDP-wrapped for the
+        megatron backend (DeepSpeed reduces gradients itself and gets the bare chunks)."""
         from megatron.core import parallel_state
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
         from megatron.core.transformer.module import Float16Module
@@ -96,6 +129,12 @@ class Trainer:
         from elas_megatron.models.gpt import build_model, transformer_config
 
         self.tconfig = transformer_config(self.cfg)
+        if self.cfg.parallel.vpp is not None:
+            # The interleaved schedule receives from the previous AND the next stage in one exchange; with pp=2
+            # both are the same rank, and batched p2p (one batch_isend_irecv) then matches the two same-shaped
+            # messages by posting order and swaps activations with gradients. Megatron's unbatched p2p path puts
+            # the two directions on different process groups, which keeps them apart.
+            self.tconfig.batch_p2p_comm = False
         vpp = self.cfg.parallel.vpp
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True, overlap_grad_reduce=False,  # no CUDA streams; see compat/cpu.py (5)
@@ -106,25 +145,18 @@ class Trainer:
             pre = parallel_state.is_pipeline_first_stage(ignore_virtual=vpp is None, vp_stage=stage)
             post = parallel_state.is_pipeline_last_stage(ignore_virtual=vpp is None, vp_stage=stage)
             chunk = build_model(self.cfg, vocab_size=self.vocab_size, pre_process=pre, post_process=post,
-                                vp_stage=stage).to(self.device)
+                                vp_stage=stage, config=self.tconfig).to(self.device)
             if self.bf16:
                 chunk = Float16Module(self.tconfig, chunk)
-            chunks.append(DistributedDataParallel(config=self.tconfig, ddp_config=ddp_config, module=chunk,
-                                                  disable_bucketing=vp_stage > 0))
+            if self.cfg.parallel.optimizer == "megatron":
+                chunk = DistributedDataParallel(config=self.tconfig, ddp_config=ddp_config, module=chunk,
+                                                disable_bucketing=vp_stage > 0)
+            chunks.append(chunk)
         n_local = sum(p.numel() for c in chunks for p in c.parameters())
         logger.info("model %s: %.2fM parameters on this rank (tp=%d pp=%d dp=%d, %s)", self.cfg.model.variant,
                     n_local / 1e6, self.info.tp_size, self.info.pp_size, self.info.dp_size,
                     "bf16" if self.bf16 else "fp32")
         return chunks
-
-    def _wire_schedule_hooks(self) -> None:
-        from megatron.core.distributed import finalize_model_grads
-
-        c = self.tconfig
-        c.finalize_model_grads_func = finalize_model_grads
-        c.grad_scale_func = self.optimizer.scale_loss
-        no_sync = [m.no_sync for m in self.model]
-        c.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
 
     # ------------------------------------------------------------------------------------------- stepping
     @staticmethod
@@ -136,6 +168,9 @@ class Trainer:
         return loss_sum / tokens, {"loss_sum": loss_sum.detach(), "tokens": tokens.detach()}
 
     def _forward_step(self, data_iterator, model):
+        if self._microbatch is not None:  # training: let the optimizer backend see micro-batch boundaries
+            self.backend.before_microbatch(self._microbatch, self._num_microbatches)
+            self._microbatch += 1
         batch = next(data_iterator)
         output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
         return output, partial(self._loss_func, batch["loss_mask"])
@@ -169,17 +204,19 @@ class Trainer:
     def train_step(self) -> tuple[float, float | None]:
         """One optimizer step over ``train.global_batch`` sequences. Returns (loss, grad norm)."""
         self.sparsity.apply(self.model, self.step)
-        for chunk in self.model:
-            chunk.zero_grad_buffer()
-        self.optimizer.zero_grad()
+        self.backend.zero_grad()
         batches = self.train_batches
         iterators = [batches.step_iterator(self.step) for _ in self.model]
-        loss = self._run_schedule(iterators, batches.num_microbatches, forward_only=False)
-        success, grad_norm, _ = self.optimizer.step()
+        self._microbatch, self._num_microbatches = 0, batches.num_microbatches * len(self.model)
+        try:
+            loss = self._run_schedule(iterators, batches.num_microbatches, forward_only=False)
+        finally:
+            self._microbatch = None
+        success, grad_norm = self.backend.step()
         if success:
             self.scheduler.step(increment=1)
         self.step += 1
-        return loss, (float(grad_norm) if grad_norm is not None else None)
+        return loss, grad_norm
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -247,16 +284,23 @@ class Trainer:
                 sd[f"model{i}"] = chunk.sharded_state_dict()
         model_sd = {k: v for k, v in sd.items() if k.startswith("model")}
         metadata = {"distrib_optim_sharding_type": "dp_reshardable"} if self.device.type == "cpu" else None
-        sd["optimizer"] = self.optimizer.sharded_state_dict(model_sd, is_loading=is_loading, metadata=metadata)
+        optimizer_sd = self.backend.sharded_state_dict(model_sd, is_loading=is_loading, metadata=metadata)
+        if optimizer_sd is not None:  # DeepSpeed's ZeRO state is saved per rank instead (save_optimizer)
+            sd["optimizer"] = optimizer_sd
         sd["scheduler"] = self.scheduler.state_dict()
         sd["step"] = self.step
         return sd
 
+    def _layout(self) -> dict:
+        return {"tp": self.info.tp_size, "pp": self.info.pp_size, "dp": self.info.dp_size,
+                "vpp": self.cfg.parallel.vpp, "optimizer": self.cfg.parallel.optimizer,
+                "zero_stage": self.cfg.parallel.zero_stage}
+
     def save(self) -> Path:
         meta = {"config": config_to_dict(self.cfg), "vocab_size": self.vocab_size,
-                "consumed_samples": self.step * self.cfg.train.global_batch,
-                "layout": {"tp": self.info.tp_size, "pp": self.info.pp_size, "dp": self.info.dp_size}}
-        return self.ckpt.save(self.step, self._sharded_state_dict(), meta)
+                "consumed_samples": self.step * self.cfg.train.global_batch, "layout": self._layout()}
+        write_local = getattr(self.backend, "save_optimizer", None)
+        return self.ckpt.save(self.step, self._sharded_state_dict(), meta, write_local=write_local)
 
     def _check_compatible(self, path: Path, meta: dict) -> None:
         theirs, ours = meta["config"]["model"], config_to_dict(self.cfg)["model"]
@@ -267,6 +311,18 @@ class Trainer:
         if diffs:
             raise CheckpointError(f"checkpoint {path} was saved from a different model ({'; '.join(diffs)}); "
                                   "use a matching config or a different checkpoint.dir")
+        saved, now = meta.get("layout", {}), self._layout()
+        saved_backend = saved.get("optimizer", "megatron")
+        if saved_backend != now["optimizer"]:
+            raise CheckpointError(f"checkpoint {path} holds {saved_backend} optimizer state but parallel.optimizer="
+                                  f"{now['optimizer']}; resume with parallel.optimizer={saved_backend}")
+        if now["optimizer"] == "deepspeed":
+            keys = ("tp", "pp", "dp", "vpp", "zero_stage")
+            if any(saved.get(k) != now[k] for k in keys):
+                raise CheckpointError(
+                    f"checkpoint {path} holds per-rank DeepSpeed ZeRO state of the layout "
+                    f"{ {k: saved.get(k) for k in keys} }, which cannot be resharded to { {k: now[k] for k in keys} }; "
+                    "resume with the saved layout (the megatron backend's checkpoints reshard across TP/PP/DP)")
 
     def load(self, path: Path) -> None:
         meta = CheckpointManager.read_meta(path)
@@ -278,7 +334,10 @@ class Trainer:
         else:
             for i, chunk in enumerate(models):
                 chunk.load_state_dict(loaded[f"model{i}"])
-        self.optimizer.load_state_dict(loaded["optimizer"])
+        if "optimizer" in loaded:
+            self.backend.load_state_dict(loaded["optimizer"])
+        else:
+            self.backend.load_optimizer(path)
         self.scheduler.load_state_dict(loaded["scheduler"])
         self.step = int(loaded["step"])
         logger.info("resumed from %s at step %d", path, self.step)
