@@ -1,4 +1,4 @@
-"""``elas-train CONFIG.yaml [MORE.yaml ...] [section.key=value ...] [--resume]``: pretrain a model.
+"""``elas-train CONFIG.yaml [MORE.yaml ...] [section.key=value ...] [--resume] [--dry-run]``: pretrain a model.
 
 Several YAML files merge left to right (e.g. ``configs/c4.yaml configs/model/1b.yaml configs/variant/elas.yaml``);
 ``section.key=value`` overrides come last. This is also what torchrun launches.
@@ -21,7 +21,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("args", nargs="+", metavar="CONFIG.yaml | section.key=value",
                         help="YAML configs (merged left to right), then overrides such as train.steps=100")
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in checkpoint.dir")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="validate config, layout ($WORLD_SIZE, default 1) and data; print parameter counts, "
+                             "steps/tokens and the per-GPU memory estimate; do not train")
     args = parser.parse_args(argv)
+    if args.dry_run:
+        from elas_megatron.cli.dryrun import dry_run
+
+        return dry_run(args.args, world_size=int(os.environ.get("WORLD_SIZE", 1)),
+                       quiet=int(os.environ.get("RANK", 0)) != 0)
     configs = [a for a in args.args if "=" not in a]
     overrides = [a for a in args.args if "=" in a]
 

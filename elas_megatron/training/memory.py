@@ -1,0 +1,319 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Per-GPU memory estimate of a training run: weights, gradients, optimizer states and activations.
+
+Pure arithmetic on the config (no torch, no model build), so ``elas-train --dry-run`` can run on a login node.
+docs/launch.md ("Memory estimate") states every formula used here; this module is their one implementation.
+
+* **Model states** (bytes per parameter held by this GPU, ``d`` = data-parallel size):
+  bf16 training with megatron's optimizer keeps bf16 weights (2), an fp32 gradient buffer (4, the trainer sets
+  ``grad_reduce_in_fp32``) and fp32 master weights + Adam ``m``, ``v`` (12): 18 bytes/param, or ``6 + 12 / d``
+  with the distributed optimizer (``parallel.zero_stage >= 1``). fp32 training: ``4 + 4 + 8`` (no master copy).
+  DeepSpeed ZeRO stage 1/2/3 partitions the optimizer states / + gradients / + weights over ``d``.
+* **Parameters per GPU**: tensor parallelism shards full-rank weights, the vocabulary and the ``B`` of column-style
+  / ``A`` of row-style low-rank layers; replicated factors and norms stay whole. Pipeline stages hold their layers;
+  the first also the embedding, the last the output layer and final norm.
+* **Activations** of one micro-batch, per layer and token: the tensors autograd keeps for the backward on the GPU
+  path (flash/SDPA attention, fused SwiGLU, fused ELAS kernel that saves the 2:4-compressed activation), listed by
+  :func:`layer_activation_terms`; recomputation drops the terms its checkpoint re-creates. Pipelining keeps
+  several micro-batches in flight (1F1B: ``pp - stage``; interleaved: Megatron's warm-up count).
+
+It is an estimate: allocator fragmentation, the CUDA context, NCCL buffers and transient backward buffers come on
+top (keep ~10-20 % headroom).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from elas_megatron.config.schema import Config, ModelConfig
+
+__all__ = [
+    "GIB",
+    "RECOMPUTE_MODES",
+    "ActivationTerm",
+    "MemoryEstimate",
+    "StageMemory",
+    "activation_dtype_bytes",
+    "estimate_memory",
+    "in_flight_chunks",
+    "layer_activation_terms",
+    "parameters_per_gpu",
+    "stage_layers",
+    "state_bytes_per_param",
+]
+
+GIB = 1024 ** 3
+RECOMPUTE_MODES = ("none", "selective", "ffn", "full")
+
+
+def activation_dtype_bytes(cfg: Config) -> int:
+    """Bytes of one activation element: ``train.dtype`` (auto: bf16 on GPUs, fp32 when ``train.device=cpu``)."""
+    if cfg.train.dtype == "fp32" or (cfg.train.dtype == "auto" and cfg.train.device == "cpu"):
+        return 4
+    return 2
+
+
+def _attention_backend(m: ModelConfig, cfg: Config) -> str:
+    if m.attention_backend != "auto":
+        return m.attention_backend
+    return "local" if cfg.train.device == "cpu" else "sdpa"
+
+
+# ------------------------------------------------------------------------------------------------- parameters
+def stage_layers(cfg: Config) -> list[int]:
+    """Transformer layers on each pipeline stage (megatron's split incl. ``first/last_stage_layers``)."""
+    L, pp = cfg.model.num_layers, cfg.parallel.pp
+    first, last = cfg.parallel.first_stage_layers, cfg.parallel.last_stage_layers
+    if pp == 1:
+        return [L]
+    fixed = {0: first, pp - 1: last}
+    rest_stages = [s for s in range(pp) if fixed.get(s) is None]
+    rest_layers = L - sum(v for v in fixed.values() if v is not None)
+    out = []
+    for s in range(pp):
+        if fixed.get(s) is not None:
+            out.append(fixed[s])
+        else:
+            out.append(rest_layers // len(rest_stages))
+    return out
+
+
+def _layer_params_per_gpu(m: ModelConfig, tp: int) -> int:
+    """One transformer layer's parameters on one TP rank."""
+    h, f = m.hidden_size, m.ffn_hidden_size
+    hd = h // m.num_heads
+    hq, hkv = m.num_heads * hd, m.kv_heads * hd
+    lowrank = m.variant in ("cola", "elas")
+    if lowrank and m.lowrank_attention:
+        ra = m.attn_rank
+        # column qkv: A_q, A_k, A_v [h, ra] replicated, B [ra, out / tp]; row o: A [hq / tp, ra], B [ra, h] replicated
+        attention = 3 * h * ra + ra * (hq + 2 * hkv) // tp + (hq // tp) * ra + ra * h
+    else:
+        attention = (h * (hq + 2 * hkv) + hq * h) // tp
+    r = m.rank
+    if m.variant == "dense":
+        ffn = 3 * h * f // tp
+    elif m.variant == "cola":
+        ffn = 2 * h * r + 2 * r * f // tp + (f // tp) * r + r * h      # gate/up column pair, down row
+    else:
+        ffn = h * r + r * f // tp + (f // tp) * r + r * h              # up column, down row
+    return attention + ffn + 2 * h
+
+
+def parameters_per_gpu(cfg: Config, vocab_size: int) -> list[int]:
+    """Parameters held by one GPU of each pipeline stage (the TP shard of that stage's modules)."""
+    m, tp = cfg.model, cfg.parallel.tp
+    layers = stage_layers(cfg)
+    per_layer = _layer_params_per_gpu(m, tp)
+    out = []
+    for s, n in enumerate(layers):
+        params = n * per_layer
+        if s == 0:
+            params += vocab_size * m.hidden_size // tp                  # embedding (vocab-parallel)
+        if s == len(layers) - 1:
+            params += vocab_size * m.hidden_size // tp + m.hidden_size  # output layer + final norm
+        out.append(params)
+    return out
+
+
+def state_bytes_per_param(cfg: Config, dp: int) -> dict[str, float]:
+    """Bytes per parameter of ``weights``, ``grads`` and ``optimizer`` on one GPU (see module docstring)."""
+    p = cfg.parallel
+    bf16 = activation_dtype_bytes(cfg) == 2
+    weights, grads, optimizer = (2.0, 4.0, 12.0) if bf16 else (4.0, 4.0, 8.0)
+    if p.optimizer == "megatron":
+        if p.zero_stage >= 1:
+            optimizer /= dp
+    else:  # DeepSpeed ZeRO: stage 1 optimizer states, 2 + gradients, 3 + weights
+        if p.zero_stage >= 1:
+            optimizer /= dp
+        if p.zero_stage >= 2:
+            grads /= dp
+        if p.zero_stage >= 3:
+            weights /= dp
+    return {"weights": weights, "grads": grads, "optimizer": optimizer}
+
+
+# ------------------------------------------------------------------------------------------------ activations
+@dataclass(frozen=True)
+class ActivationTerm:
+    """A tensor autograd keeps per layer: ``bytes_per_token`` on one TP rank, and what re-creates it.
+
+    ``dropped_by``: the recompute modes under which this tensor is not kept (``full`` drops everything but the
+    layer input, which is the term named ``attn_norm_in``).
+    """
+    name: str
+    bytes_per_token: float
+    dropped_by: frozenset[str] = frozenset()
+    note: str = ""
+
+
+def layer_activation_terms(cfg: Config, *, tp: int | None = None, sequence_parallel: bool | None = None,
+                           seq_len: int | None = None, sparse: bool = True) -> list[ActivationTerm]:
+    """The tensors one transformer layer keeps for its backward, per token, on one TP rank.
+
+    Args:
+        cfg: run config (model shape and variant, ``parallel.tp/sequence_parallel``, ``train.seq_len/dtype``).
+        tp, sequence_parallel, seq_len: override the config's values.
+        sparse: elas: the 2:4 phase (compressed ``s`` saved); False = dense warm-up / ``model.sparse24=false`` /
+            ``sparse24_grad=dense`` (``relu(y1)`` saved dense).
+    Returns:
+        One :class:`ActivationTerm` per saved tensor; ``sum(t.bytes_per_token)`` is the no-recompute total.
+    """
+    m = cfg.model
+    tp = cfg.parallel.tp if tp is None else tp
+    sp = (cfg.parallel.sequence_parallel if sequence_parallel is None else sequence_parallel) and tp > 1
+    s = cfg.train.seq_len if seq_len is None else seq_len
+    e = activation_dtype_bytes(cfg)
+    h, f = m.hidden_size, m.ffn_hidden_size
+    hd = h // m.num_heads
+    hq, hkv, heads = m.num_heads * hd, m.kv_heads * hd, m.num_heads
+    seq_div = tp if sp else 1              # tensors outside the TP region: sharded along the sequence under SP
+    silu = m.lowrank_activation == "silu"
+    lowrank = m.variant in ("cola", "elas")
+    SEL, FFN = frozenset({"selective"}), frozenset({"ffn"})
+    terms = [ActivationTerm("attn_norm_in", e * h / seq_div, note="residual stream: input RMSNorm input"),
+             ActivationTerm("qkv_in", e * h / seq_div, note="input RMSNorm output, input of linear_qkv")]
+
+    def lowrank_column(name: str, parts: int, r: int, dropped: frozenset[str] = frozenset()) -> None:
+        # sigma(x A) is computed on this rank's tokens (s / tp under SP), then gathered; B multiplies the
+        # gathered [tokens, parts * r] tensor on every rank.
+        if silu:
+            terms.append(ActivationTerm(f"{name}_sigma_in", e * parts * r / seq_div, dropped, "x A (SiLU input)"))
+        terms.append(ActivationTerm(f"{name}_b_in", e * parts * r, dropped, "sigma(x A), input of B"))
+
+    def lowrank_row(name: str, r: int, dropped: frozenset[str] = frozenset()) -> None:
+        # the [tokens, r] sum is all-reduced (reduce-scattered under SP) before sigma and B
+        if silu:
+            terms.append(ActivationTerm(f"{name}_sigma_in", e * r / seq_div, dropped, "sum_i x_i A_i (SiLU input)"))
+        terms.append(ActivationTerm(f"{name}_b_in", e * r / seq_div, dropped, "sigma(z), input of B"))
+
+    # ---- attention
+    if lowrank and m.lowrank_attention:
+        lowrank_column("qkv", 3, m.attn_rank)
+    terms.append(ActivationTerm("qkv_out", e * (hq + 2 * hkv) / tp,
+                                note="fused q|k|v output (kept alive by v, a view of it)"))
+    terms.append(ActivationTerm("qk_rope", e * (hq + hkv) / tp, note="q, k after RoPE"))
+    if _attention_backend(m, cfg) == "sdpa":
+        terms.append(ActivationTerm("attn_out", e * hq / tp, SEL, "SDPA output (flash/cuDNN)"))
+        terms.append(ActivationTerm("attn_lse", 4 * heads / tp, SEL, "SDPA log-sum-exp, fp32"))
+    else:
+        probs = (4 + e) if e == 2 else 4     # fp32 softmax output + its bf16 copy for the PV product
+        terms.append(ActivationTerm("attn_probs", probs * heads * s / tp, SEL, "softmax(QK^T), s x s per head"))
+    terms.append(ActivationTerm("proj_in", e * hq / tp, note="attention context, input of linear_proj"))
+    if lowrank and m.lowrank_attention:
+        lowrank_row("proj", m.attn_rank)
+
+    # ---- FFN
+    terms.append(ActivationTerm("mlp_norm_in", e * h / seq_div, note="pre-MLP RMSNorm input"))
+    terms.append(ActivationTerm("fc1_in", e * h / seq_div, note="pre-MLP RMSNorm output, input of linear_fc1"))
+    if m.variant in ("dense", "cola"):
+        if m.variant == "cola":
+            lowrank_column("fc1", 2, m.rank, FFN)
+        terms.append(ActivationTerm("swiglu_in", e * 2 * f / tp, FFN, "[gate | up], input of the fused SwiGLU"))
+        terms.append(ActivationTerm("fc2_in", e * f / tp, FFN, "SwiGLU output, input of linear_fc2"))
+        if m.variant == "cola":
+            lowrank_row("fc2", m.rank, FFN)
+    else:
+        lowrank_column("fc1", 1, m.rank, FFN)
+        if sparse and m.sparse24 and m.sparse24_grad == "masked":
+            # 2 kept values of every 4 + a 4-bit code per group of 4: f/2 * e + f/8 bytes (9/16 of dense bf16)
+            terms.append(ActivationTerm("s_compressed", (f / tp) * (e / 2 + 1 / 8), FFN,
+                                        "2:4-compressed sparse24(relu(y1)^2), input of A_down"))
+        else:
+            terms.append(ActivationTerm("s_dense", e * f / tp, FFN, "relu(y1) (dense phase / masked-dense grad)"))
+        lowrank_row("fc2", m.rank, FFN)
+    return terms
+
+
+def layer_activation_bytes_per_token(terms: list[ActivationTerm], recompute: str) -> float:
+    """Bytes per token one layer keeps between its forward and backward under ``recompute``."""
+    if recompute == "full":
+        return next(t.bytes_per_token for t in terms if t.name == "attn_norm_in")
+    return sum(t.bytes_per_token for t in terms if recompute not in t.dropped_by)
+
+
+def recompute_working_bytes_per_token(terms: list[ActivationTerm], recompute: str) -> float:
+    """What one layer re-creates during its backward (held for one layer and one micro-batch at a time)."""
+    return sum(t.bytes_per_token for t in terms) - layer_activation_bytes_per_token(terms, recompute)
+
+
+def in_flight_chunks(pp: int, vpp: int | None, stage: int, num_microbatches: int) -> int:
+    """Micro-batch x model-chunk forward passes whose activations a stage holds at its peak.
+
+    No pipelining: 1. 1F1B: ``min(pp - stage, m)`` micro-batches. Interleaved (``vpp`` chunks per stage):
+    megatron's warm-up ``2 (pp - stage - 1) + (vpp - 1) pp`` plus one, capped by ``m * vpp`` chunk passes.
+    """
+    if pp == 1:
+        return 1
+    if vpp is None or vpp == 1:
+        return min(pp - stage, num_microbatches)
+    return min(2 * (pp - stage - 1) + (vpp - 1) * pp + 1, num_microbatches * vpp)
+
+
+# --------------------------------------------------------------------------------------------------- estimate
+@dataclass
+class StageMemory:
+    """Bytes on one GPU of one pipeline stage."""
+    stage: int
+    layers: int
+    params: int
+    weights: float
+    grads: float
+    optimizer: float
+    activations: float
+    """Under the config's ``parallel.recompute`` (the peak incl. recompute working set and logits)."""
+    activations_by_recompute: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def total(self) -> float:
+        return self.weights + self.grads + self.optimizer + self.activations
+
+
+@dataclass
+class MemoryEstimate:
+    """Per-GPU memory of every pipeline stage; :attr:`peak` is the stage that needs the most."""
+    stages: list[StageMemory]
+    dp: int
+    num_microbatches: int
+    tokens_per_microbatch: int
+    bytes_per_param: dict[str, float]
+    dense_warmup: bool
+    """True when the peak is the elas dense warm-up (relu(y1) saved dense before the 2:4 phase starts)."""
+
+    @property
+    def peak(self) -> StageMemory:
+        return max(self.stages, key=lambda st: st.total)
+
+
+def estimate_memory(cfg: Config, *, world_size: int, vocab_size: int) -> MemoryEstimate:
+    """Per-GPU memory estimate of ``cfg`` on ``world_size`` GPUs (formulas: module docstring, docs/launch.md)."""
+    p, t, m = cfg.parallel, cfg.train, cfg.model
+    dp = world_size // (p.tp * p.pp)
+    num_microbatches = t.global_batch // (t.micro_batch * dp)
+    tokens = t.micro_batch * t.seq_len
+    e = activation_dtype_bytes(cfg)
+    sp = p.sequence_parallel and p.tp > 1
+    per_param = state_bytes_per_param(cfg, dp)
+    # elas: a dense warm-up (or a dense-saving mode) keeps relu(y1) dense; the allocator keeps that peak.
+    dense_phase = m.variant == "elas" and (m.dense_warmup_steps > 0 or not m.sparse24 or m.sparse24_grad != "masked")
+    terms = layer_activation_terms(cfg, sparse=not dense_phase)
+    layers = stage_layers(cfg)
+    params = parameters_per_gpu(cfg, vocab_size)
+    stages = []
+    for s, (n_layers, n_params) in enumerate(zip(layers, params, strict=True)):
+        chunks = in_flight_chunks(p.pp, p.vpp, s, num_microbatches)
+        layers_per_chunk = n_layers / (p.vpp or 1)
+        by_mode = {}
+        for mode in RECOMPUTE_MODES:
+            kept = layer_activation_bytes_per_token(terms, mode) * layers_per_chunk * chunks
+            working = recompute_working_bytes_per_token(terms, mode) if n_layers else 0.0
+            by_mode[mode] = (kept + working) * tokens
+        if s == len(layers) - 1:  # final norm in/out + fp32 logits of the vocab-parallel cross-entropy
+            logits = (2 * e * m.hidden_size / (p.tp if sp else 1) + 4 * vocab_size / p.tp) * tokens
+            by_mode = {k: v + logits for k, v in by_mode.items()}
+        stages.append(StageMemory(stage=s, layers=n_layers, params=n_params,
+                                  weights=n_params * per_param["weights"], grads=n_params * per_param["grads"],
+                                  optimizer=n_params * per_param["optimizer"], activations=by_mode[p.recompute],
+                                  activations_by_recompute=by_mode))
+    return MemoryEstimate(stages=stages, dp=dp, num_microbatches=num_microbatches, tokens_per_microbatch=tokens,
+                          bytes_per_param=per_param, dense_warmup=dense_phase)
