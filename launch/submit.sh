@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# Check a run with the dry run, then submit launch/slurm.sbatch.
+#
+#   launch/submit.sh [SBATCH OPTIONS] [--] CONFIG.yaml [MORE.yaml ...] [section.key=value ...]
+#   launch/submit.sh --nodes=4 --time=48:00:00 --partition=gpu -- configs/c4.yaml configs/model/1b.yaml \
+#       configs/variant/elas.yaml configs/layout/dp8.yaml
+#
+# Leading options (write them as --name=value) go to sbatch unchanged; --nodes (default 1) and --gpus-per-node
+# (default 8) also set the world size the dry run checks. The job name defaults to "elas-" + the YAML file names,
+# the log to runs/slurm/<job name>-<job id>.out (the folder is created here: SLURM does not create it).
+# ELAS_SUBMIT_DRY=1 prints the sbatch command instead of running it.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+PYTHON=${PYTHON:-python3}
+
+SBATCH_ARGS=()
+NODES=1
+GPUS=8
+NAME=
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --) shift; break ;;
+        --nodes=*|-N=*) NODES=${1#*=}; SBATCH_ARGS+=("--nodes=$NODES"); shift ;;
+        --gpus-per-node=*) GPUS=${1#*=}; GPUS=${GPUS##*:}; SBATCH_ARGS+=("$1"); shift ;;
+        --job-name=*|-J=*) NAME=${1#*=}; shift ;;
+        --*=*) SBATCH_ARGS+=("$1"); shift ;;
+        -*) echo "launch/submit.sh: write sbatch options as --name=value (got $1)" >&2; exit 2 ;;
+        *) break ;;
+    esac
+done
+[ $# -gt 0 ] || { echo "launch/submit.sh: no config given" >&2; exit 2; }
+[[ $NODES =~ ^[1-9][0-9]*$ && $GPUS =~ ^[1-9][0-9]*$ ]] || {
+    echo "launch/submit.sh: --nodes=$NODES / --gpus-per-node=$GPUS must be positive integers" >&2; exit 2; }
+
+CONFIG_ARGS=()
+STEMS=()
+for a in "$@"; do
+    case "$a" in
+        --*) ;;
+        *=*) CONFIG_ARGS+=("$a") ;;
+        *) CONFIG_ARGS+=("$a"); STEMS+=("$(basename "${a%.*}")") ;;
+    esac
+done
+if [ -z "$NAME" ]; then
+    NAME=$(IFS=-; echo "elas-${STEMS[*]}")
+fi
+"$PYTHON" -m elas_megatron.cli.dryrun --world-size $(( NODES * GPUS )) "${CONFIG_ARGS[@]}"
+
+mkdir -p runs/slurm
+CMD=(sbatch --job-name="$NAME" ${SBATCH_ARGS[@]+"${SBATCH_ARGS[@]}"} launch/slurm.sbatch "$@")
+if [ "${ELAS_SUBMIT_DRY:-0}" = 1 ]; then
+    printf '%q ' "${CMD[@]}"; echo
+else
+    "${CMD[@]}"
+fi
