@@ -1,0 +1,117 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Load a training checkpoint of any TP/PP/VPP layout into one TP=1/PP=1 model, in a single process.
+
+Checkpoints are Megatron ``dist_checkpointing`` directories whose tensors are keyed by their global name and
+shape (layers by their global index), so a model built with the stored config but ``parallel`` reset to the
+single-process layout can ask for every tensor whole; ``dist_checkpointing.load`` assembles the TP shards and
+the pipeline stages' layers. Only the model is read: optimizer state, the scheduler and the step counter stay on
+disk. The run's resolved config comes from the checkpoint's ``elas_meta.json`` (written by the trainer).
+Used by ``elas-export`` and ``elas-eval``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from elas_megatron.config.loader import config_from_dict
+from elas_megatron.config.schema import Config, ParallelConfig
+
+__all__ = ["LoadedCheckpoint", "load_checkpoint", "resolve_checkpoint", "single_process_config"]
+
+logger = logging.getLogger(__name__)
+
+META = "elas_meta.json"  # NOTE: the name CheckpointManager writes (training/checkpoint.py)
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A ``step_*`` directory from a step directory, a checkpoint directory (its ``latest``) or a run directory.
+
+    Raises:
+        FileNotFoundError: nothing checkpoint-like at ``path`` (the message says what was looked for).
+    """
+    p = Path(path)
+    if (p / META).is_file():
+        return p
+    for directory in (p, p / "checkpoints"):
+        pointer = directory / "latest"
+        if pointer.is_file():
+            step_dir = directory / pointer.read_text().strip()
+            if (step_dir / META).is_file():
+                return step_dir
+            raise FileNotFoundError(f"{pointer} names {step_dir.name}, which is not a complete checkpoint (no {META})")
+    raise FileNotFoundError(f"{path} is not a checkpoint: expected a step_* directory with {META}, a checkpoint "
+                            "directory with a 'latest' file, or a run directory with checkpoints/latest")
+
+
+def single_process_config(cfg: Config, *, device: str = "cpu") -> Config:
+    """``cfg`` with the layout reset to one process (TP=PP=1, no SP/VPP, no recompute) on ``device``, fp32."""
+    parallel = ParallelConfig(distributed_timeout_s=cfg.parallel.distributed_timeout_s)
+    train = dataclasses.replace(cfg.train, device=device, dtype="fp32")
+    return dataclasses.replace(cfg, parallel=parallel, train=train)
+
+
+@dataclass
+class LoadedCheckpoint:
+    """A checkpoint's model in one process."""
+    path: Path
+    config: Config
+    """The run's config as stored (its original layout); the model was built with :func:`single_process_config`."""
+    model: torch.nn.Module
+    """megatron ``GPTModel`` (TP=1, PP=1), fp32, eval mode, on ``device``."""
+    vocab_size: int
+    step: int
+    meta: dict
+
+    @property
+    def sparse_active(self) -> bool:
+        """elas: whether the last trained step ran with 2:4 sparsity (False inside the dense warm-up)."""
+        m = self.config.model
+        return m.variant == "elas" and m.sparse24 and max(self.step - 1, 0) >= m.dense_warmup_steps
+
+
+def _ensure_single_process(device: str) -> None:
+    import torch.distributed as dist
+
+    from elas_megatron.parallel.setup import initialize_parallel
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise RuntimeError("checkpoint export/evaluation runs in one process; start it without torchrun")
+    if not dist.is_initialized():
+        initialize_parallel(ParallelConfig(), seed=0, device=device)
+
+
+def load_checkpoint(path: str | Path, *, device: str = "cpu") -> LoadedCheckpoint:
+    """Build the stored run's model at TP=1/PP=1 and load the checkpoint's weights into it.
+
+    Args:
+        path: a step directory, a checkpoint directory or a run directory (:func:`resolve_checkpoint`).
+        device: ``"cpu"`` or ``"cuda"``; a single-process gloo/NCCL world is initialised if none exists.
+    """
+    from megatron.core import dist_checkpointing
+
+    from elas_megatron.models.gpt import build_model
+    from elas_megatron.sparsity.schedule import SparsitySchedule
+    from elas_megatron.training.checkpoint import CheckpointManager
+
+    step_dir = resolve_checkpoint(path)
+    meta = CheckpointManager.read_meta(step_dir)
+    cfg = config_from_dict(meta["config"])
+    vocab_size = int(meta["vocab_size"])
+    _ensure_single_process(device)
+    model = build_model(single_process_config(cfg, device=device), vocab_size=vocab_size)
+    loaded = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(step_dir))
+    model.load_state_dict(loaded["model"])
+    model.eval()
+    step = int(meta.get("step", 0))
+    ckpt = LoadedCheckpoint(path=step_dir, config=cfg, model=model, vocab_size=vocab_size, step=step, meta=meta)
+    if cfg.model.variant == "elas":
+        SparsitySchedule(cfg.model.dense_warmup_steps).apply([model], max(step - 1, 0))
+    layout = meta.get("layout", {})
+    logger.info("loaded %s (step %d, %s, saved at tp=%s pp=%s dp=%s) into one process", step_dir, step,
+                cfg.model.variant, layout.get("tp"), layout.get("pp"), layout.get("dp"))
+    return ckpt
