@@ -64,12 +64,16 @@ def import_deepspeed():
         import deepspeed
     except ImportError as exc:
         raise ImportError(f"parallel.optimizer=deepspeed needs DeepSpeed, which is not importable ({exc}); "
-                          f"install it with: {INSTALL_HINT}") from exc
+                          f"install it with: {INSTALL_HINT}") from None
     return deepspeed
 
 
 def check_deepspeed_config(cfg: Config) -> None:
-    """Rules of the DeepSpeed backend on top of ``validate`` (one-line :class:`ConfigError`)."""
+    """Rules of the DeepSpeed backend on top of ``validate``, checked before any process group exists.
+
+    Raises:
+        ConfigError: (one line) a ZeRO stage other than 1/2, or DeepSpeed not importable (with the install line).
+    """
     p = cfg.parallel
     if p.optimizer != "deepspeed":
         return
@@ -77,6 +81,10 @@ def check_deepspeed_config(cfg: Config) -> None:
         raise ConfigError(f"parallel.zero_stage={p.zero_stage} is invalid with parallel.optimizer=deepspeed: "
                           "expected 1 or 2 (ZeRO-3 partitions the weights, which megatron's TP layers and "
                           "schedules own; for replicated optimizer states use parallel.optimizer=megatron)")
+    try:
+        import_deepspeed()
+    except ImportError as exc:
+        raise ConfigError(f"{exc} (or use parallel.optimizer=megatron)") from None
 
 
 def deepspeed_config(cfg: Config, *, dp_size: int, bf16: bool) -> dict:
@@ -107,9 +115,11 @@ def deepspeed_config(cfg: Config, *, dp_size: int, bf16: bool) -> dict:
         "bf16": {"enabled": bf16},
     }
     if bf16:
-        # bf16 gradients accumulate in fp32 (like megatron's grad_reduce_in_fp32); ZeRO-1 uses DeepSpeed's
-        # ZeRO optimizer rather than its separate BF16_Optimizer so both stages share one code path.
-        ds["data_types"] = {"grad_accum_dtype": "fp32"}
+        # ZeRO-2 accumulates the micro-batches' bf16 gradients in fp32 (its hooks keep an fp32 ``grad_accum``),
+        # like megatron's grad_reduce_in_fp32. For ZeRO-1, fp32 accumulation would make DeepSpeed switch to its
+        # separate BF16_Optimizer, whose gradient path expects DeepSpeed's own backward; ZeRO-1 therefore
+        # accumulates in bf16 (param.grad) and reduces once per step. See docs/parallelism.md.
+        ds["data_types"] = {"grad_accum_dtype": "fp32" if stage2 else "bf16"}
     return ds
 
 
@@ -182,8 +192,9 @@ class DeepSpeedZeRO:
 
     def __init__(self, cfg: Config, chunks: list[torch.nn.Module], param_groups: list[dict], *, dp_size: int,
                  bf16: bool) -> None:
-        check_deepspeed_config(cfg)
         deepspeed = import_deepspeed()
+        # DeepSpeed insists on LOCAL_RANK in the environment, which a plain one-process run does not set.
+        os.environ.setdefault("LOCAL_RANK", "0")
         if not torch.cuda.is_available():
             _quiet_deepspeed_cpu_logging()
         deepspeed.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False,

@@ -55,9 +55,9 @@ class Trainer:
         from elas_megatron.models.flops import flops_per_token
         from elas_megatron.sparsity.schedule import SparsitySchedule
 
+        check_deepspeed_config(cfg)
         self.info: ParallelInfo = initialize_parallel(cfg.parallel, seed=cfg.train.seed, device=cfg.train.device)
         validate(cfg, self.info.world_size)
-        check_deepspeed_config(cfg)
         self.cfg = cfg
         self.device = self.info.device
         self.bf16 = resolve_bf16(cfg, self.device)
