@@ -16,7 +16,11 @@ code path as on GPUs, :func:`enable_cpu_megatron` patches exactly these, each na
 4. The CUDA RNG tracker (``model_parallel_cuda_manual_seed``, ``get_cuda_rng_tracker().fork()``) and
    ``torch.cuda.{get_rng_state,manual_seed}`` act on a dedicated CPU ``torch.Generator`` standing in for the
    CUDA generator, so the tracker works and the process's default CPU generator is left alone.
-5. Megatron DDP must not create CUDA streams: callers use ``overlap_grad_reduce=False`` on CPU
+5. The autograd engine runs ``torch.autograd.Function.backward`` with an empty torch-function-mode stack, so
+   workaround 2 would not apply there; but Megatron's activation recomputation (``tensor_parallel.checkpoint``)
+   re-runs the forward inside such a backward, and that forward builds e.g. the causal mask with
+   ``device="cuda"``. Every custom backward therefore re-enters the mode (``BackwardCFunction.apply``).
+6. Megatron DDP must not create CUDA streams: callers use ``overlap_grad_reduce=False`` on CPU
    (see :mod:`elas_megatron.parallel`), which keeps it on the default path; nothing is patched for that.
 
 Nothing here runs when ``torch.cuda.is_available()``: the GPU path is Megatron-Core untouched.
@@ -61,6 +65,22 @@ class _CudaToCpu(TorchFunctionMode):
         return result
 
 
+def _keep_mode_in_custom_backward(mode: _CudaToCpu) -> None:
+    from torch.autograd.function import BackwardCFunction
+    from torch.overrides import _get_current_function_mode_stack
+
+    def wrap(method):
+        def run(self, *args):
+            if mode in _get_current_function_mode_stack():
+                return method(self, *args)
+            with mode:
+                return method(self, *args)
+        return run
+
+    BackwardCFunction.apply = wrap(BackwardCFunction.apply)
+    BackwardCFunction.apply_boxed = wrap(BackwardCFunction.apply_boxed)
+
+
 def cpu_mode_active() -> bool:
     """True when the workarounds are (or would be) needed: no usable CUDA device."""
     return not torch.cuda.is_available()
@@ -83,6 +103,7 @@ def enable_cpu_megatron() -> bool:
     mcore_random._set_cuda_rng_state = lambda new_state, *a, **k: stand_in.set_state(new_state)
     mode = _CudaToCpu()                                                    # 2
     mode.__enter__()
+    _keep_mode_in_custom_backward(mode)                                    # 5
     _state.update(enabled=True, mode=mode)
     logger.info("CUDA not available: Megatron-Core CPU workarounds enabled (elas_megatron.compat.cpu)")
     return True

@@ -106,7 +106,7 @@ class ParallelConfig:
     """Data-parallel optimizer backend: Megatron-Core DDP + (distributed) optimizer, or DeepSpeed ZeRO."""
     zero_stage: int = 0
     """0 = replicated optimizer state. megatron: >= 1 uses the distributed optimizer (states and grads sharded).
-    deepspeed: the ZeRO stage (0-3)."""
+    deepspeed: the ZeRO stage, 1 or 2 (1 with pipeline parallelism)."""
     recompute: Literal["none", "full", "selective", "ffn"] = "none"
     """Activation checkpointing: none; full = whole transformer layers; selective = megatron's core-attention
     recompute; ffn = only the FFN (the largest activations of cola/elas)."""
@@ -263,6 +263,10 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     _check(t.global_batch % t.micro_batch == 0, "train.global_batch", t.global_batch,
            f"a multiple of train.micro_batch={t.micro_batch}")
     if p.optimizer == "deepspeed":
+        if p.zero_stage not in (1, 2):
+            raise ConfigError(f"parallel.zero_stage={p.zero_stage} is invalid with parallel.optimizer=deepspeed: "
+                              "expected 1 or 2 (ZeRO-3 partitions the weights, which megatron's TP layers and "
+                              "schedules own; for replicated optimizer states use parallel.optimizer=megatron)")
         _check(p.pp == 1 or p.zero_stage <= 1, "parallel.zero_stage", p.zero_stage,
                "0 or 1 with pipeline parallelism (ZeRO-2/3 partition gradients, which the pipeline schedule owns)")
     if world_size is not None:

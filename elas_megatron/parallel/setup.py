@@ -57,38 +57,6 @@ def resolve_device(requested: str = "auto") -> torch.device:
     return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
 
 
-def _cpu_mode_in_custom_backward() -> None:
-    """Keep the compat layer's CUDA->CPU device rewriting active inside custom autograd backward functions.
-
-    The autograd engine runs ``torch.autograd.Function.backward`` with an empty torch-function-mode stack, so
-    the mode that :func:`elas_megatron.compat.cpu.enable_cpu_megatron` entered for the process does not apply
-    there. Megatron's activation recomputation (``tensor_parallel.checkpoint``) re-runs the forward inside such
-    a backward, and that forward builds e.g. the causal mask with ``device="cuda"``. Re-entering the mode for
-    the duration of each custom backward fixes it. CPU only, idempotent.
-    TODO(parallel): move next to workaround 2 in compat/cpu.py, which owns the CPU workarounds #3
-    """
-    from torch.autograd.function import BackwardCFunction
-    from torch.overrides import _get_current_function_mode_stack
-
-    from elas_megatron.compat import cpu as compat_cpu
-
-    mode = compat_cpu._state.get("mode")
-    if mode is None or getattr(BackwardCFunction, "_elas_cpu_mode", False):
-        return
-
-    def wrap(method):
-        def run(self, *args):
-            if mode in _get_current_function_mode_stack():
-                return method(self, *args)
-            with mode:
-                return method(self, *args)
-        return run
-
-    BackwardCFunction.apply = wrap(BackwardCFunction.apply)
-    BackwardCFunction.apply_boxed = wrap(BackwardCFunction.apply_boxed)
-    BackwardCFunction._elas_cpu_mode = True
-
-
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -102,8 +70,7 @@ def initialize_parallel(parallel: ParallelConfig, *, seed: int, device: str = "a
 
     dev = resolve_device(device)
     if dev.type == "cpu":
-        if enable_cpu_megatron():
-            _cpu_mode_in_custom_backward()
+        enable_cpu_megatron()
     else:
         torch.cuda.set_device(dev)
     if not dist.is_initialized():

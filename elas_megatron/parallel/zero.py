@@ -41,7 +41,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from elas_megatron.config.schema import Config, ConfigError
+from elas_megatron.config.schema import Config, ConfigError, validate
 
 __all__ = ["INSTALL_HINT", "import_deepspeed", "check_deepspeed_config", "deepspeed_config", "MegatronMPU",
            "DeepSpeedZeRO"]
@@ -72,15 +72,13 @@ def check_deepspeed_config(cfg: Config) -> None:
     """Rules of the DeepSpeed backend on top of ``validate``, checked before any process group exists.
 
     Raises:
-        ConfigError: (one line) a ZeRO stage other than 1/2, or DeepSpeed not importable (with the install line).
+        ConfigError: (one line) any rule of ``validate`` (ZeRO stage 1/2 only), or DeepSpeed not importable
+            (with the install line).
     """
     p = cfg.parallel
     if p.optimizer != "deepspeed":
         return
-    if p.zero_stage not in (1, 2):
-        raise ConfigError(f"parallel.zero_stage={p.zero_stage} is invalid with parallel.optimizer=deepspeed: "
-                          "expected 1 or 2 (ZeRO-3 partitions the weights, which megatron's TP layers and "
-                          "schedules own; for replicated optimizer states use parallel.optimizer=megatron)")
+    validate(cfg)  # the stage rules live there (ZeRO 1/2; 1 with PP)
     try:
         import_deepspeed()
     except ImportError as exc:

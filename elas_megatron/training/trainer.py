@@ -137,7 +137,7 @@ class Trainer:
             self.tconfig.batch_p2p_comm = False
         vpp = self.cfg.parallel.vpp
         ddp_config = DistributedDataParallelConfig(
-            grad_reduce_in_fp32=True, overlap_grad_reduce=False,  # no CUDA streams; see compat/cpu.py (5)
+            grad_reduce_in_fp32=True, overlap_grad_reduce=False,  # no CUDA streams; see compat/cpu.py (6)
             use_distributed_optimizer=self.cfg.parallel.optimizer == "megatron" and self.cfg.parallel.zero_stage >= 1)
         chunks = []
         for vp_stage in range(vpp or 1):

@@ -57,3 +57,23 @@ def test_nothing_is_patched_on_gpu():
     assert enable_cpu_megatron() is False
     assert torch.cuda.current_device is original
     assert torch.zeros(1, device="cuda").device.type == "cuda"
+
+
+@cpu_only
+def test_device_rewrite_is_active_inside_custom_backward():
+    """Megatron's recompute re-runs forward code (device="cuda" factories) inside an autograd.Function backward."""
+    enable_cpu_megatron()
+
+    class Recompute(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x * 2
+
+        @staticmethod
+        def backward(ctx, grad):
+            mask = torch.ones(grad.shape, device="cuda")  # what get_default_causal_mask does
+            return grad * 2 * mask
+
+    x = torch.ones(3, requires_grad=True)
+    Recompute.apply(x).sum().backward()
+    assert torch.equal(x.grad, torch.full((3,), 2.0))
