@@ -23,11 +23,16 @@ EXTRAS=""
 $PIP -c "$CONSTRAINTS" -e ".${EXTRAS}"
 
 if [ "${1:-}" = "dev" ]; then
-    # DeepSpeed (optional backend): pure Python, ops JIT-built on first use. Its setup imports torch, hence
-    # --no-build-isolation; --no-deps + explicit deps keep pip away from torch.
+    # DeepSpeed (optional backend): pure Python with ops JIT-built on first use. --no-deps keeps pip away from
+    # torch; its pure-Python needs are listed explicitly.
     if ! $PY -c "import deepspeed" >/dev/null 2>&1; then
-        DS_BUILD_OPS=0 $PIP -c "$CONSTRAINTS" --no-build-isolation --no-deps "deepspeed==0.19.8"
-        $PIP -c "$CONSTRAINTS" hjson ninja msgpack py-cpuinfo pydantic einops
+        DS_BUILD_OPS=0 $PIP -c "$CONSTRAINTS" --no-deps deepspeed==0.19.8 einops hjson msgpack ninja py-cpuinfo
+        $PIP -c "$CONSTRAINTS" "pydantic>=2"
+    fi
+    # Build DeepSpeed's CPU shared-memory comm op once (g++, 20-50 s) so tests don't pay for it; non-fatal.
+    if ! $PY -c "import torch; assert torch.cuda.is_available()" >/dev/null 2>&1; then
+        DS_ACCELERATOR=cpu $PY -c "from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder as B; B().load()" \
+            >/dev/null 2>&1 || echo "install.sh: note: DeepSpeed's CPU comm op did not pre-build; it builds on first use"
     fi
 fi
 echo "install.sh: elas-megatron installed (torch ${TORCH_VERSION})"
