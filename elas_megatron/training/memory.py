@@ -170,13 +170,20 @@ def layer_activation_terms(cfg: Config, *, tp: int | None = None, sequence_paral
     seq_div = tp if sp else 1              # tensors outside the TP region: sharded along the sequence under SP
     silu = m.lowrank_activation == "silu"
     lowrank = m.variant in ("cola", "elas")
+    tokens = cfg.train.micro_batch * s
     SEL, FFN = frozenset({"selective"}), frozenset({"ffn"})
     terms = [ActivationTerm("attn_norm_in", e * h / seq_div, note="residual stream: input RMSNorm input"),
+             ActivationTerm("attn_norm_rstd", 4 / seq_div, note="input RMSNorm 1/rms per token, fp32"),
              ActivationTerm("qkv_in", e * h / seq_div, note="input RMSNorm output, input of linear_qkv")]
 
-    def lowrank_column(name: str, parts: int, r: int, dropped: frozenset[str] = frozenset()) -> None:
+    def lowrank_column(name: str, in_features: int, parts: int, r: int,
+                       dropped: frozenset[str] = frozenset()) -> None:
         # sigma(x A) is computed on this rank's tokens (s / tp under SP), then gathered; B multiplies the
-        # gathered [tokens, parts * r] tensor on every rank.
+        # gathered [tokens, parts * r] tensor on every rank. Several parts multiply x by their concatenated A
+        # factors ([in, parts * r], a new tensor saved once per micro-batch: spread over its tokens here).
+        if parts > 1:
+            terms.append(ActivationTerm(f"{name}_a_cat", e * in_features * parts * r / tokens, dropped,
+                                        "concatenated A factors (per micro-batch, not per token)"))
         if silu:
             terms.append(ActivationTerm(f"{name}_sigma_in", e * parts * r / seq_div, dropped, "x A (SiLU input)"))
         terms.append(ActivationTerm(f"{name}_b_in", e * parts * r, dropped, "sigma(x A), input of B"))
@@ -189,12 +196,13 @@ def layer_activation_terms(cfg: Config, *, tp: int | None = None, sequence_paral
 
     # ---- attention
     if lowrank and m.lowrank_attention:
-        lowrank_column("qkv", 3, m.attn_rank)
+        lowrank_column("qkv", h, 3, m.attn_rank)
     terms.append(ActivationTerm("qkv_out", e * (hq + 2 * hkv) / tp,
                                 note="fused q|k|v output (kept alive by v, a view of it)"))
     terms.append(ActivationTerm("qk_rope", e * (hq + hkv) / tp, note="q, k after RoPE"))
     if _attention_backend(m, cfg) == "sdpa":
-        terms.append(ActivationTerm("attn_out", e * hq / tp, SEL, "SDPA output (flash/cuDNN)"))
+        # NOTE: SDPA's output is laid out like q ([s, b, heads, d] in memory), so the context that linear_proj
+        # saves is the same storage as the output SDPA saves: only the log-sum-exp is SDPA's own.
         terms.append(ActivationTerm("attn_lse", 4 * heads / tp, SEL, "SDPA log-sum-exp, fp32"))
     else:
         probs = (4 + e) if e == 2 else 4     # fp32 softmax output + its bf16 copy for the PV product
@@ -205,16 +213,17 @@ def layer_activation_terms(cfg: Config, *, tp: int | None = None, sequence_paral
 
     # ---- FFN
     terms.append(ActivationTerm("mlp_norm_in", e * h / seq_div, note="pre-MLP RMSNorm input"))
+    terms.append(ActivationTerm("mlp_norm_rstd", 4 / seq_div, note="pre-MLP RMSNorm 1/rms per token, fp32"))
     terms.append(ActivationTerm("fc1_in", e * h / seq_div, note="pre-MLP RMSNorm output, input of linear_fc1"))
     if m.variant in ("dense", "cola"):
         if m.variant == "cola":
-            lowrank_column("fc1", 2, m.rank, FFN)
+            lowrank_column("fc1", h, 2, m.rank, FFN)
         terms.append(ActivationTerm("swiglu_in", e * 2 * f / tp, FFN, "[gate | up], input of the fused SwiGLU"))
         terms.append(ActivationTerm("fc2_in", e * f / tp, FFN, "SwiGLU output, input of linear_fc2"))
         if m.variant == "cola":
             lowrank_row("fc2", m.rank, FFN)
     else:
-        lowrank_column("fc1", 1, m.rank, FFN)
+        lowrank_column("fc1", h, 1, m.rank, FFN)
         if sparse and m.sparse24 and m.sparse24_grad == "masked":
             # 2 kept values of every 4 + a 4-bit code per group of 4: f/2 * e + f/8 bytes (9/16 of dense bf16)
             terms.append(ActivationTerm("s_compressed", (f / tp) * (e / 2 + 1 / 8), FFN,
