@@ -317,8 +317,8 @@ def estimate_memory(cfg: Config, *, world_size: int, vocab_size: int) -> MemoryE
             kept = layer_activation_bytes_per_token(terms, mode) * layers_per_chunk * chunks
             working = recompute_working_bytes_per_token(terms, mode) if n_layers else 0.0
             by_mode[mode] = (kept + working) * tokens
-        if s == len(layers) - 1:  # final norm in/out + fp32 logits of the vocab-parallel cross-entropy
-            logits = (2 * e * m.hidden_size / (p.tp if sp else 1) + 4 * vocab_size / p.tp) * tokens
+        if s == len(layers) - 1:  # final norm in/out, fp32 logits of the cross-entropy, then their gradient
+            logits = (2 * e * m.hidden_size / (p.tp if sp else 1) + (4 + e) * vocab_size / p.tp) * tokens
             by_mode = {k: v + logits for k, v in by_mode.items()}
         stages.append(StageMemory(stage=s, layers=n_layers, params=n_params,
                                   weights=n_params * per_param["weights"], grads=n_params * per_param["grads"],
