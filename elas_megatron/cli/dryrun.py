@@ -82,18 +82,18 @@ def render_report(cfg: Config, *, world_size: int, vocab_size: int, vocab_source
     ranks = f", rank {m.rank}, attention rank {m.attn_rank if m.lowrank_attention else 'full'}" \
         if m.variant != "dense" else ""
     lines = [
-        f"layout       world {world_size} = dp {est.dp} x tp {p.tp} x pp {p.pp} (vpp {p.vpp or '-'}, "
-        f"sequence parallel {'on' if p.sequence_parallel else 'off'}); optimizer {opt}; recompute {p.recompute}",
-        f"batch        global {t.global_batch} sequences = micro {t.micro_batch} x dp {est.dp} x "
-        f"{est.num_microbatches} micro-batches; {t.seq_len} tokens each; {tokens_per_step:,} tokens/step",
-        f"schedule     {t.steps:,} steps = {_count(total_tokens)} tokens "
+        (f"layout       world {world_size} = dp {est.dp} x tp {p.tp} x pp {p.pp} (vpp {p.vpp or '-'}, "
+        f"sequence parallel {'on' if p.sequence_parallel else 'off'}); optimizer {opt}; recompute {p.recompute}"),
+        (f"batch        global {t.global_batch} sequences = micro {t.micro_batch} x dp {est.dp} x "
+        f"{est.num_microbatches} micro-batches; {t.seq_len} tokens each; {tokens_per_step:,} tokens/step"),
+        (f"schedule     {t.steps:,} steps = {_count(total_tokens)} tokens "
         f"({total_tokens / counts['total']:.1f} tokens/parameter); eval every {t.eval_every or 'end'}, "
-        f"checkpoint every {cfg.checkpoint.every or 'end'}",
-        f"model        {m.variant}: {counts['total'] / 1e6:.1f}M parameters ({counts['non_embedding'] / 1e6:.1f}M "
+        f"checkpoint every {cfg.checkpoint.every or 'end'}"),
+        (f"model        {m.variant}: {counts['total'] / 1e6:.1f}M parameters ({counts['non_embedding'] / 1e6:.1f}M "
         f"non-embedding), h {m.hidden_size} x {m.num_layers} layers, {m.num_heads} heads, d_ff "
-        f"{m.ffn_hidden_size}{ranks}; vocab {vocab_size} ({vocab_source})",
-        f"compute      {fpt / 1e9:.3f} GFLOPs/token (train, 2:4 counted dense) = {fpt * total_tokens:.3g} FLOPs "
-        "in total",
+        f"{m.ffn_hidden_size}{ranks}; vocab {vocab_size} ({vocab_source})"),
+        (f"compute      {fpt / 1e9:.3f} GFLOPs/token (train, 2:4 counted dense) = {fpt * total_tokens:.3g} FLOPs "
+        "in total"),
     ]
     peak = est.peak
     bpp = est.bytes_per_param
@@ -103,8 +103,8 @@ def render_report(cfg: Config, *, world_size: int, vocab_size: int, vocab_source
         f"  weights     {_gib(peak.weights)}  ({bpp['weights']:g} B/param)",
         f"  grads       {_gib(peak.grads)}  ({bpp['grads']:g} B/param)",
         f"  optimizer   {_gib(peak.optimizer)}  ({bpp['optimizer']:.4g} B/param)",
-        f"  activations {_gib(peak.activations)}  (recompute {p.recompute}; micro-batch {t.micro_batch} x "
-        f"{t.seq_len} tokens{'; elas dense warm-up peak' if est.dense_warmup else ''})",
+        (f"  activations {_gib(peak.activations)}  (recompute {p.recompute}; micro-batch {t.micro_batch} x "
+        f"{t.seq_len} tokens{'; elas dense warm-up peak' if est.dense_warmup else ''})"),
         f"  total       {_gib(peak.total)}",
         "  activations by recompute: " + ", ".join(
             f"{mode} {peak.activations_by_recompute[mode] / 2**30:.2f}" for mode in RECOMPUTE_MODES) + " GiB",
