@@ -49,10 +49,15 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 
 def single_process_config(cfg: Config, *, device: str = "cpu") -> Config:
-    """``cfg`` with the layout reset to one process (TP=PP=1, no SP/VPP, no recompute) on ``device``, fp32."""
+    """``cfg`` with the layout reset to one process (TP=PP=1, no SP/VPP, no recompute) on ``device``, fp32.
+
+    The layer spec becomes megatron's local one: Transformer Engine checkpoints use the same tensor names
+    (docs/model.md), so a TE-trained run exports and evaluates without Transformer Engine.
+    """
     parallel = ParallelConfig(distributed_timeout_s=cfg.parallel.distributed_timeout_s)
     train = dataclasses.replace(cfg.train, device=device, dtype="fp32")
-    return dataclasses.replace(cfg, parallel=parallel, train=train)
+    model = dataclasses.replace(cfg.model, spec="local")
+    return dataclasses.replace(cfg, model=model, parallel=parallel, train=train)
 
 
 @dataclass
