@@ -168,7 +168,6 @@ def expand_inputs(patterns: Sequence[str]) -> list[Source]:
 
 def _iter_jsonl_blocks(source: Source, block_bytes: int) -> Iterator[Block]:
     path = source.path
-    is_gzip = False
     try:
         raw = open(path, "rb")
     except OSError as err:
@@ -187,8 +186,11 @@ def _iter_jsonl_blocks(source: Source, block_bytes: int) -> Iterator[Block]:
             try:
                 chunk = stream.read(block_bytes)
             except (OSError, EOFError, zlib.error) as err:
-                kind = "truncated" if isinstance(err, EOFError) else "corrupt"
                 at_line = line + carry.count(b"\n")
+                if not is_gzip:
+                    raise InputFormatError(f"{path}:{at_line}: read error ({err}); check the disk or re-copy the "
+                                           "file") from None
+                kind = "truncated" if isinstance(err, EOFError) else "corrupt"
                 raise InputFormatError(
                     f"{path}:{at_line}: unreadable gzip data, the file is {kind} ({err}); "
                     "re-download this shard (compare its size/checksum with the source)") from None

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import re
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
@@ -189,10 +190,11 @@ def train_tokenizer(texts: Iterable[str], model_prefix: str, *, vocab_size: int,
             num_threads=num_threads or os.cpu_count() or 1, minloglevel=2)
     except RuntimeError as err:
         msg = str(err)
-        if "Vocabulary size too high" in msg:
-            raise ValueError(f"vocab_size={vocab_size} is too large for this corpus sample "
-                             f"({msg.split('Vocabulary size too high')[-1].strip()}); use a smaller "
-                             "--vocab-size or sample more text (--sample-docs)") from None
+        limit = re.search(r"value <= (\d+)", msg)
+        if "Vocabulary size too high" in msg and limit:
+            raise ValueError(f"vocab_size={vocab_size} is too large for this corpus sample (sentencepiece can build "
+                             f"at most {limit.group(1)} pieces from it); use a smaller --vocab-size or sample more "
+                             "text (--sample-docs)") from None
         raise ValueError(f"sentencepiece training failed: {msg}") from None
     model_path = f"{model_prefix}.model"
     logger.info("trained %s tokenizer with %d pieces -> %s", model_type, vocab_size, model_path)

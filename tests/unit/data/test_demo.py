@@ -70,7 +70,8 @@ def test_corpus_regenerates_identically():
     # A fresh interpreter: libraries imported by other tests (torch) monkeypatch stdlib functions such as
     # inspect.getfile, which changes which docstrings a module owns.
     code = "import json; from elas_megatron.data.demo import demo_documents; print(json.dumps(demo_documents()))"
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO,
+                          timeout=300)
     with gzip.open(DEMO / "demo.json.gz", "rt", encoding="utf-8") as f:
         shipped = [json.loads(line) for line in f]
     assert json.loads(proc.stdout) == shipped

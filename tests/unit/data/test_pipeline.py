@@ -124,7 +124,7 @@ def test_hard_kill_then_rerun_completes(tmp_path, demo_tokenizer):
                         load_tokenizer({str(REPO / "data/demo/tokenizer.model")!r}),
                         TokenizeOptions(workers=1, progress=False, block_bytes=2048))
     """)
-    proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert proc.returncode == -9, proc.stderr[-2000:]
     left = sorted(os.listdir(tmp_path / "out"))
     assert "s0_text_document.idx" in left and "s1_text_document.partial.bin" in left
