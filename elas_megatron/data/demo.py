@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import platform
+import random
 import sys
 import warnings
 from collections.abc import Iterator
@@ -101,12 +102,16 @@ def demo_documents() -> list[dict[str, str]]:
         warnings.simplefilter("ignore")
         for name in MODULES:
             docs.extend(_module_documents(name))
-    seen: set[str] = set()
+    unique, seen = [], set()
+    for url, text in docs:  # a few docstrings are shared (e.g. aliases); keep the first
+        if text not in seen:
+            seen.add(text)
+            unique.append((url, text))
+    # A fixed shuffle, as in a C4 shard: data.split takes its validation documents from the end, which must not be
+    # the alphabetically last modules.
+    random.Random(0).shuffle(unique)
     records = []
-    for i, (url, text) in enumerate(docs):
-        if text in seen:
-            continue
-        seen.add(text)
+    for i, (url, text) in enumerate(unique):
         # C4's timestamps are crawl times; ours are synthetic but deterministic and in C4's format.
         timestamp = f"2019-04-{1 + i % 28:02d}T{i % 24:02d}:{i * 7 % 60:02d}:{i * 13 % 60:02d}Z"
         records.append({"text": text, "timestamp": timestamp, "url": url})
