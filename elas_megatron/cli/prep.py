@@ -176,7 +176,7 @@ def _cmd_inspect(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="elas-prep", description=__doc__.splitlines()[0],
+    parser = argparse.ArgumentParser(prog="elas-prep", description=__doc__.splitlines()[0].replace("``", ""),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="SUBCOMMAND")
