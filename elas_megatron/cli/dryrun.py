@@ -110,8 +110,8 @@ def render_report(cfg: Config, *, world_size: int, vocab_size: int, vocab_source
             f"{mode} {peak.activations_by_recompute[mode] / 2**30:.2f}" for mode in RECOMPUTE_MODES) + " GiB",
     ]
     if gpu_memory_gib is not None and peak.total > 0.9 * gpu_memory_gib * 2**30:
-        lines.append(f"WARNING      the estimate exceeds 90% of {gpu_memory_gib:g} GiB per GPU: lower train.micro_batch, "
-                     "set parallel.recompute, parallel.zero_stage=1 or a larger parallel.tp/pp")
+        lines.append(f"WARNING      the estimate exceeds 90% of {gpu_memory_gib:g} GiB per GPU: lower "
+                     "train.micro_batch, set parallel.recompute, parallel.zero_stage=1 or a larger parallel.tp/pp")
     return lines
 
 
@@ -162,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     elif ns.nproc_per_node is not None:
         world = ns.nnodes * ns.nproc_per_node
     else:
-        world = int(os.environ.get("WORLD_SIZE", 1))
+        world = int(os.environ.get("WORLD_SIZE", "1"))
     if world < 1:
         parser.error(f"the world size must be positive, got {world}")
     return dry_run(ns.args, world_size=world, vocab_size=ns.vocab_size, check_files=not ns.no_data_check,

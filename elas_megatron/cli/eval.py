@@ -11,9 +11,11 @@ Prints one line (loss, perplexity, tokens); ``--json PATH`` also writes them. Er
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import sys
+import tempfile
 from pathlib import Path
 
 
@@ -39,9 +41,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="held-out indexed-dataset prefixes (default: the run's validation set)")
     parser.add_argument("--iters", type=int, default=None,
                         help="micro-batches to evaluate (default: train.eval_iters x the run's dp; 0 = all samples)")
-    parser.add_argument("--micro-batch", type=int, default=None, help="sequences per forward (default train.micro_batch)")
+    parser.add_argument("--micro-batch", type=int, default=None,
+                        help="sequences per forward (default train.micro_batch)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--json", type=Path, default=None, help="also write the result to this JSON file")
+    parser.add_argument("--cache-dir", default=None,
+                        help="dataset index cache (default: data.cache_dir of the run, else a temporary directory)")
     args = parser.parse_args(argv)
     if args.iters is not None and args.iters < 0:
         parser.error("--iters must be >= 0")
@@ -61,22 +66,27 @@ def main(argv: list[str] | None = None) -> int:
     init_logging()
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        ckpt = load_checkpoint(args.checkpoint, device=device)
-        cfg, t = ckpt.config, ckpt.config.train
-        micro = args.micro_batch or t.micro_batch
-        iters = args.iters if args.iters is not None else t.eval_iters * int(ckpt.meta.get("layout", {}).get("dp", 1))
-        data_cfg = cfg.data
-        if args.data:
-            data_cfg = dataclasses.replace(cfg.data, train_prefixes=list(args.data), valid_prefixes=list(args.data),
-                                           train_weights=None)
-        _, valid = build_datasets(data_cfg, seq_len=t.seq_len, seed=t.seed, train_samples=1,
-                                  valid_samples=max(1, iters * micro), vocab_size=ckpt.vocab_size,
-                                  cache_dir=cfg.data.cache_dir)
-        if iters == 0:
-            iters = math.ceil(len(valid) / micro)
-        batches = StepBatches(valid, global_batch=micro, micro_batch=micro, dp_rank=0, dp_size=1,
-                              device=torch.device(device))
-        loss, tokens = evaluate(ckpt.model, batches, iters)
+        with contextlib.ExitStack() as stack:  # the temporary cache, if any, lives until the end
+            ckpt = load_checkpoint(args.checkpoint, device=device)
+            cfg, t = ckpt.config, ckpt.config.train
+            micro = args.micro_batch or t.micro_batch
+            saved_dp = int(ckpt.meta.get("layout", {}).get("dp", 1))
+            iters = args.iters if args.iters is not None else t.eval_iters * saved_dp
+            data_cfg = cfg.data
+            if args.data:
+                data_cfg = dataclasses.replace(cfg.data, train_prefixes=list(args.data),
+                                               valid_prefixes=list(args.data), train_weights=None)
+            # NOTE: not the shared default cache: its keys do not cover the data's content, so a re-tokenized
+            # prefix of the same size would be read through a stale index.
+            cache_dir = args.cache_dir or cfg.data.cache_dir or stack.enter_context(tempfile.TemporaryDirectory())
+            _, valid = build_datasets(data_cfg, seq_len=t.seq_len, seed=t.seed, train_samples=1,
+                                      valid_samples=max(1, iters * micro), vocab_size=ckpt.vocab_size,
+                                      cache_dir=cache_dir)
+            if iters == 0:
+                iters = math.ceil(len(valid) / micro)
+            batches = StepBatches(valid, global_batch=micro, micro_batch=micro, dp_rank=0, dp_size=1,
+                                  device=torch.device(device))
+            loss, tokens = evaluate(ckpt.model, batches, iters)
     except (ConfigError, CheckpointError, FileNotFoundError, KeyError, ValueError, RuntimeError) as exc:
         print(f"elas-eval: error: {exc}", file=sys.stderr)
         destroy_parallel()

@@ -28,8 +28,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         from elas_megatron.cli.dryrun import dry_run
 
-        return dry_run(args.args, world_size=int(os.environ.get("WORLD_SIZE", 1)),
-                       quiet=int(os.environ.get("RANK", 0)) != 0)
+        return dry_run(args.args, world_size=int(os.environ.get("WORLD_SIZE", "1")),
+                       quiet=int(os.environ.get("RANK", "0")) != 0)
     configs = [a for a in args.args if "=" not in a]
     overrides = [a for a in args.args if "=" in a]
 

@@ -52,7 +52,8 @@ def test_renamed_state_dict_gives_the_same_logits_in_the_standalone_module(megat
 
     megatron_world()
     shape = {"hidden_size": 32, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2, "ffn_hidden_size": 48, "rank": 8}
-    cfg = Config(model=ModelConfig(variant=variant, **{**shape, **options}), train=TrainConfig(seq_len=16, device="cpu"))
+    cfg = Config(model=ModelConfig(variant=variant, **{**shape, **options}),
+                 train=TrainConfig(seq_len=16, device="cpu"))
     model = build_model(cfg, vocab_size=64).eval()
     state = to_llama_state_dict(model.state_dict(), cfg)
     standalone = ElasForCausalLM(ElasConfig.from_dict(standalone_config(cfg, 64, sparse24=cfg.model.sparse24)))

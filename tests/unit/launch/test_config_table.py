@@ -1,4 +1,7 @@
-"""docs/configs.md is the generator's output (regenerate: python -m elas_megatron.config.table --write docs/configs.md)."""
+"""docs/configs.md is the generator's output.
+
+Regenerate it with ``python -m elas_megatron.config.table --write docs/configs.md``.
+"""
 from __future__ import annotations
 
 from pathlib import Path
