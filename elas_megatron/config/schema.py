@@ -49,7 +49,8 @@ class ModelConfig:
     """elas backward through sparse24: masked = straight-through to the kept entries only (the exact gradient
     of the sparsified function); dense = the masked-dense alternative, the gradient of y2 passes to all entries."""
     dense_warmup_steps: int = 0
-    """elas: train this many first steps without sparsification (the same network computed dense)."""
+    """elas: train this many first steps without sparsification (the same network computed dense). Ignored by
+    dense/cola, so one config can switch variants."""
     vocab_size: int | None = None
     """None = taken from the tokenizer. Set it to pad the vocabulary (e.g. to a multiple of 128)."""
     rope_base: float = 10000.0
@@ -251,8 +252,6 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     else:
         _check(m.ffn_hidden_size % p.tp == 0, "model.ffn_hidden_size", m.ffn_hidden_size,
                f"divisible by parallel.tp={p.tp}")
-    if m.variant == "dense":
-        _check(m.dense_warmup_steps == 0, "model.dense_warmup_steps", m.dense_warmup_steps, "0 unless variant=elas")
     layers_per_chunk = p.pp * (p.vpp or 1)
     if p.first_stage_layers is None and p.last_stage_layers is None:
         _check(m.num_layers % layers_per_chunk == 0, "model.num_layers", m.num_layers,
