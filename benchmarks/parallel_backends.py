@@ -26,7 +26,7 @@ import subprocess
 import sys
 import time
 
-import numpy as np
+from elas_megatron.data.synthetic import SyntheticTokens
 
 SIZES = {
     # LLaMA-350M as in the CoLA paper (arXiv 2502.10940, Table 1): d=1024, 24 layers, 16 heads, r=256.
@@ -38,27 +38,6 @@ SIZES = {
              "train.micro_batch=2", "train.device=cpu", "train.dtype=fp32"],
 }
 BACKENDS = {"megatron": ["parallel.optimizer=megatron"], "deepspeed": ["parallel.optimizer=deepspeed"]}
-
-
-class SyntheticTokens:
-    """Deterministic samples from a fixed random bigram table (4 successors per token): learnable, file-free."""
-
-    def __init__(self, *, num_samples: int, seq_len: int, vocab_size: int, seed: int = 0) -> None:
-        self.num_samples, self.seq_len, self.vocab_size, self.seed = num_samples, seq_len, vocab_size, seed
-        self.successors = np.random.default_rng(seed).integers(0, vocab_size, size=(vocab_size, 4))
-
-    def __len__(self) -> int:
-        return self.num_samples
-
-    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
-        rng = np.random.default_rng((self.seed, index))
-        seq = np.empty(self.seq_len + 1, dtype=np.int64)
-        seq[0] = rng.integers(self.vocab_size)
-        choices = rng.integers(0, 4, size=self.seq_len)
-        for t in range(self.seq_len):
-            seq[t + 1] = self.successors[seq[t], choices[t]]
-        return {"tokens": seq[:-1], "labels": seq[1:], "loss_mask": np.ones(self.seq_len, dtype=np.float32),
-                "position_ids": np.arange(self.seq_len, dtype=np.int64)}
 
 
 def _value(overrides: list[str], key: str) -> int:

@@ -1,4 +1,7 @@
-"""A tiny deterministic dataset for the multi-process tests: no tokenizer, no files, identical in every process.
+"""A deterministic synthetic token dataset: no tokenizer, no files, identical in every process.
+
+Used by the multi-process equivalence tests and the benchmarks, where real text would add I/O and tokenizer
+set-up without changing what is measured.
 
 Sample ``i`` is a sequence drawn from a fixed random bigram table (seeded by ``i``), so the model has something
 to learn and the loss moves step to step, which makes a per-step comparison meaningful.
