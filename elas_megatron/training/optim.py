@@ -132,9 +132,44 @@ class MegatronOptimizer:
         # parameters, which the load copies into in place.
         with torch.no_grad():
             self.optimizer.load_state_dict(state)
+        chain = getattr(self.optimizer, "chained_optimizers", [self.optimizer])
+        states = [state] if len(chain) == 1 else [state[i] for i in range(len(chain))]
+        for opt, sd in zip(chain, states):
+            _restore_adam_steps(opt, sd)
 
     def close(self) -> None:
         """Nothing to release."""
+
+
+def _restore_adam_steps(opt, state: dict) -> None:
+    """Give every torch Adam state of a distributed optimizer its own ``step`` tensor, set to the saved step.
+
+    Without Apex/TE (CPU, or a bare GPU install) megatron-core 0.16's ``DistributedOptimizer`` keeps Adam's step
+    in torch's per-parameter ``state[p]["step"]`` and gets two things wrong on load (both made resumed runs
+    diverge by ~6e-3 at the first step after the checkpoint):
+
+    * ``load_state_dict`` puts ONE tensor into every parameter's state; torch's Adam increments ``step`` in
+      place once per parameter, so after one step it reads ``saved + number_of_parameters``;
+    * the ``dp_reshardable`` format restores the step as a ``LocalNonpersistentObject`` -- the value the
+      optimizer held when the load's state dict was built (1, from the dummy step that allocates the states) --
+      and copies it over the checkpoint's value.
+
+    The checkpoint's step is in its param groups (``state["optimizer"]["param_groups"][i]["step"]``, written by
+    ``DistributedOptimizer.state_dict`` on this path); states without ``step`` (FusedAdam) are left alone.
+    """
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    if not isinstance(opt, DistributedOptimizer):
+        return
+    groups = state.get("optimizer", {}).get("param_groups", [])
+    steps = {g["step"] for g in groups if g.get("step") is not None}
+    if not steps:
+        return
+    assert len(steps) == 1, f"distributed optimizer checkpoint with several Adam steps: {steps}"
+    step = float(steps.pop())
+    for param_state in opt.optimizer.state.values():
+        if "step" in param_state:
+            param_state["step"] = torch.tensor(step, dtype=torch.float32)
 
 
 def build_optimizer_backend(cfg: Config, model_chunks: list, *, bf16: bool, dp_size: int):
