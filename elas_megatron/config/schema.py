@@ -112,7 +112,8 @@ class ParallelConfig:
     """Activation checkpointing: none; full = whole transformer layers; selective = megatron's core-attention
     recompute; ffn = only the FFN (the largest activations of cola/elas)."""
     distributed_timeout_s: int = 600
-    """Timeout of process-group initialisation and collectives."""
+    """Seconds a rank may wait for the others: process-group initialisation, collectives, and (multi-process
+    training) the watchdog that stops the run naming the stuck rank(s) when no rank makes progress this long."""
 
     def __post_init__(self) -> None:
         for key in ("tp", "pp"):
@@ -195,11 +196,31 @@ class TrainConfig:
     """Validation perplexity every N steps (0 = only at the end)."""
     eval_iters: int = 10
     """Validation micro-batches per evaluation."""
+    max_skipped_steps: int = 0
+    """Optimizer steps the run may skip (over its whole length, resumes included) because the loss or a gradient
+    was NaN/Inf on some rank, or the loss spiked (train.loss_spike_factor); a skipped step drops its batch and
+    leaves weights, optimizer and LR schedule untouched. One more stops the run naming the step, rank and layer.
+    0 = stop at the first."""
+    loss_spike_factor: float = 0.0
+    """Loss-spike guard: a step whose loss exceeds this factor times the running mean of the previous losses is
+    treated like a non-finite one (skipped within train.max_skipped_steps, else the run stops). 0 = off; e.g. 2."""
+    density_check_every: int = 100
+    """elas: every N steps measure the FFN activation density after 2:4 sparsification (logged as
+    sparsity/act_density; one extra pass and a host sync per ElasMLP in that step). Above 0.5 stops the run (the
+    2:4 invariant is broken); below train.density_warn warns. 0 = off."""
+    density_warn: float = 0.2
+    """elas: warn when the measured activation density drops below this (many all-zero groups: dying ReLU units;
+    about 0.4 is typical, 0.5 is the 2:4 maximum)."""
 
     def __post_init__(self) -> None:
         for key in ("steps", "global_batch", "micro_batch", "seq_len", "eval_iters"):
             _check(getattr(self, key) >= 1, f"train.{key}", getattr(self, key), "a positive integer")
         _check(self.eval_every >= 0, "train.eval_every", self.eval_every, ">= 0")
+        _check(self.max_skipped_steps >= 0, "train.max_skipped_steps", self.max_skipped_steps, ">= 0")
+        _check(self.loss_spike_factor == 0 or self.loss_spike_factor > 1, "train.loss_spike_factor",
+               self.loss_spike_factor, "0 (off) or a factor > 1, e.g. 2")
+        _check(self.density_check_every >= 0, "train.density_check_every", self.density_check_every, ">= 0")
+        _check(0 <= self.density_warn <= 0.5, "train.density_warn", self.density_warn, "in [0, 0.5]")
 
 
 @dataclass(kw_only=True)
