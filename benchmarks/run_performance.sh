@@ -33,7 +33,7 @@ run_phase() {  # name cap command...
     local name=$1 cap; cap=$(allow "$2"); shift 2
     echo "== $name (up to ${cap} s; ${SECONDS} s used)"
     # shellcheck disable=SC2086  # BENCH_EXTRA / QUALITY_EXTRA are word lists
-    timeout "$cap" "$@" > "$OUT/$name.log" 2>&1
+    timeout -k 15 "$cap" "$@" > "$OUT/$name.log" 2>&1
     echo "   exit $? after ${SECONDS} s"; grep -E "^\| (\*\*elas|dense \||cola \||elas \||[0-9a-z]+_(dense|cola|elas))" "$OUT/$name.log" | head -12
 }
 # Grids: the memory estimate (training/memory.py, within 90 % of 79.6 GiB) puts the largest micro-batch of 1024

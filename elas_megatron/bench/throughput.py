@@ -532,7 +532,8 @@ def _worker_main(spec_json: str) -> int:
     spec = WorkerSpec(**json.loads(spec_json))
 
     def emit(record: dict) -> None:
-        print(RESULT_PREFIX + json.dumps(record), flush=True)
+        # a leading newline: a library's unterminated output line cannot swallow the prefix
+        print("\n" + RESULT_PREFIX + json.dumps(record), flush=True)
 
     measure(spec, emit)
     return 0
