@@ -140,7 +140,10 @@ def _quality(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     from elas_megatron.utils.logging import init_logging
 
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command == "throughput" and args.no_train and not args.inference:
+        parser.error("--no-train leaves nothing to measure: add --inference")
     init_logging("info")
     # A time limit (`timeout`, SLURM) sends SIGTERM: unwind, so the finally-blocks write what was measured.
     previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
