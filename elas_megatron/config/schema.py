@@ -8,7 +8,8 @@ the fix, because a typo in a 64-node job should cost seconds, not a queue slot.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass, field, fields
 from typing import Literal
 
 Variant = Literal["dense", "cola", "elas"]
@@ -21,6 +22,14 @@ class ConfigError(ValueError):
 def _check(cond: bool, key: str, value: object, expected: str) -> None:
     if not cond:
         raise ConfigError(f"{key}={value!r} is invalid: expected {expected}")
+
+
+def _check_finite(section: object, name: str) -> None:
+    """Every float field of a section is a finite number (YAML accepts .inf and .nan)."""
+    for f in fields(section):
+        value = getattr(section, f.name)
+        if isinstance(value, float):
+            _check(math.isfinite(value), f"{name}.{f.name}", value, "a finite number")
 
 
 @dataclass(kw_only=True)
@@ -64,6 +73,7 @@ class ModelConfig:
     auto = sdpa on CUDA, local on CPU."""
 
     def __post_init__(self) -> None:
+        _check_finite(self, "model")
         for key in ("hidden_size", "num_layers", "num_heads", "ffn_hidden_size", "rank"):
             value = getattr(self, key)
             _check(value >= 1, f"model.{key}", value, "a positive integer")
@@ -79,6 +89,7 @@ class ModelConfig:
             _check(self.vocab_size >= 2, "model.vocab_size", self.vocab_size, ">= 2 or null")
         _check(self.init_std > 0, "model.init_std", self.init_std, "> 0")
         _check(self.norm_eps > 0, "model.norm_eps", self.norm_eps, "> 0")
+        _check(self.rope_base > 0, "model.rope_base", self.rope_base, "> 0")
 
     @property
     def kv_heads(self) -> int:
@@ -120,6 +131,11 @@ class ParallelConfig:
             _check(getattr(self, key) >= 1, f"parallel.{key}", getattr(self, key), "a positive integer")
         if self.vpp is not None:
             _check(self.vpp >= 1, "parallel.vpp", self.vpp, "a positive integer or null")
+        for key in ("first_stage_layers", "last_stage_layers"):
+            value = getattr(self, key)
+            if value is not None:
+                _check(value >= 1, f"parallel.{key}", value, "a positive integer or null")
+                _check(self.pp > 1, f"parallel.{key}", value, "null when parallel.pp=1")
         _check(0 <= self.zero_stage <= 3, "parallel.zero_stage", self.zero_stage, "0, 1, 2 or 3")
         _check(not self.sequence_parallel or self.tp > 1, "parallel.sequence_parallel", self.sequence_parallel,
                "false when parallel.tp=1 (sequence parallelism shards along the TP group)")
@@ -142,6 +158,7 @@ class OptimConfig:
     """Global grad-norm clip (0 disables)."""
 
     def __post_init__(self) -> None:
+        _check_finite(self, "optim")
         _check(self.lr > 0, "optim.lr", self.lr, "> 0")
         _check(0 <= self.min_lr_ratio <= 1, "optim.min_lr_ratio", self.min_lr_ratio, "in [0, 1]")
         _check(0 <= self.warmup_fraction < 1, "optim.warmup_fraction", self.warmup_fraction, "in [0, 1)")
@@ -151,6 +168,7 @@ class OptimConfig:
         _check(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "optim.beta1/beta2", (self.beta1, self.beta2),
                "values in [0, 1)")
         _check(self.clip_grad >= 0, "optim.clip_grad", self.clip_grad, ">= 0 (0 disables clipping)")
+        _check(self.eps > 0, "optim.eps", self.eps, "> 0")
 
 
 @dataclass(kw_only=True)
@@ -175,7 +193,8 @@ class DataConfig:
                    "data.train_weights", self.train_weights, "one positive weight per data.train_prefixes entry")
         parts = self.split.split(",")
         ok = len(parts) == 3 and all(p.strip().replace(".", "", 1).isdigit() for p in parts)
-        _check(ok, "data.split", self.split, "three comma-separated non-negative numbers, e.g. '98,2,0'")
+        _check(ok and sum(float(p) for p in parts) > 0, "data.split", self.split,
+               "three comma-separated non-negative numbers, not all 0, e.g. '98,2,0'")
 
 
 @dataclass(kw_only=True)
@@ -213,9 +232,11 @@ class TrainConfig:
     about 0.4 is typical, 0.5 is the 2:4 maximum)."""
 
     def __post_init__(self) -> None:
+        _check_finite(self, "train")
         for key in ("steps", "global_batch", "micro_batch", "seq_len", "eval_iters"):
             _check(getattr(self, key) >= 1, f"train.{key}", getattr(self, key), "a positive integer")
         _check(self.eval_every >= 0, "train.eval_every", self.eval_every, ">= 0")
+        _check(0 <= self.seed < 2**32, "train.seed", self.seed, "in [0, 2**32) (numpy seeds the data order)")
         _check(self.max_skipped_steps >= 0, "train.max_skipped_steps", self.max_skipped_steps, ">= 0")
         _check(self.loss_spike_factor == 0 or self.loss_spike_factor > 1, "train.loss_spike_factor",
                self.loss_spike_factor, "0 (off) or a factor > 1, e.g. 2")
@@ -278,6 +299,14 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         _check(m.num_layers % layers_per_chunk == 0, "model.num_layers", m.num_layers,
                f"divisible by parallel.pp * parallel.vpp = {layers_per_chunk} (or set parallel.first_stage_layers/"
                "last_stage_layers)")
+    else:
+        fixed = [v for v in (p.first_stage_layers, p.last_stage_layers) if v is not None]
+        middle_stages, middle_layers = p.pp - len(fixed), m.num_layers - sum(fixed)
+        ok = (middle_layers == 0 if middle_stages == 0 else
+              middle_layers >= middle_stages and middle_layers % middle_stages == 0)
+        _check(ok, "model.num_layers", m.num_layers,
+               f"the first/last stage layers ({p.first_stage_layers}/{p.last_stage_layers}) plus a multiple of the "
+               f"{middle_stages} other pipeline stage(s), at least one layer each")
     if p.vpp is not None:
         _check(p.pp > 1, "parallel.vpp", p.vpp, "null when parallel.pp=1 (virtual stages need a pipeline)")
     _check(t.global_batch % t.micro_batch == 0, "train.global_batch", t.global_batch,
