@@ -3,13 +3,19 @@
 Reads the usual torchrun environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT); without it the process
 is a world of one. NCCL on CUDA, gloo on CPU (with the :mod:`elas_megatron.compat.cpu` workarounds).
 Megatron-Core's ``parallel_state`` is the one piece of global state we keep, because Megatron requires it.
+
+Timeouts: ``parallel.distributed_timeout_s`` bounds process-group initialisation and every collective. Under
+torchrun each rank also holds a :class:`ProgressBoard` -- a client of the agent's key-value store, which lives
+outside the workers -- where it checks in before initialisation (so a timed-out initialisation names the ranks
+that never joined; torch only says which store keys it waited for) and where the training watchdog
+(:class:`elas_megatron.training.guards.Watchdog`) later posts its progress.
 """
 from __future__ import annotations
 
 import logging
 import os
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 
 import torch
@@ -34,6 +40,8 @@ class ParallelInfo:
     pp_size: int
     dp_size: int
     device: torch.device
+    board: ProgressBoard | None = field(default=None, compare=False, repr=False)
+    """Progress reports of every rank (torchrun only), for naming stuck ranks."""
 
     @property
     def is_first_stage(self) -> bool:
@@ -57,6 +65,68 @@ def resolve_device(requested: str = "auto") -> torch.device:
     return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
 
 
+class ProgressBoard:
+    """One key per rank in the torchrun agent's store: ``check_in`` before initialisation, ``post`` progress later.
+
+    Args:
+        store: a ``torch.distributed.Store`` client.
+        prefix: keys are ``{prefix}/{rank}``; unique per run and restart attempt.
+        world_size, global_rank: this job and process.
+    """
+
+    def __init__(self, store, prefix: str, world_size: int, global_rank: int) -> None:
+        self.store = store
+        self.prefix = prefix
+        self.world_size = world_size
+        self.global_rank = global_rank
+
+    @classmethod
+    def connect(cls, timeout_s: float) -> ProgressBoard | None:
+        """A board on the torchrun agent's store, or None outside torchrun (a rank-0-hosted store is created
+        only inside ``init_process_group``, too late to see who never joined)."""
+        if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+            return None
+        store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                              timeout=timedelta(seconds=timeout_s), wait_for_workers=False)
+        prefix = (f"elas/{os.environ.get('TORCHELASTIC_RUN_ID', 'none')}/"
+                  f"{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}")
+        return cls(store, prefix, int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"]))
+
+    def _key(self, rank: int) -> str:
+        return f"{self.prefix}/{rank}"
+
+    def post(self, value: str) -> None:
+        self.store.set(self._key(self.global_rank), value)
+
+    def read_all(self) -> dict[int, str | None]:
+        """Every rank's last post ("" for a rank that only checked in), None for ranks never seen."""
+        out: dict[int, str | None] = {}
+        for rank in range(self.world_size):
+            key = self._key(rank)
+            out[rank] = self.store.get(key).decode() if self.store.check([key]) else None
+        return out
+
+    def missing(self) -> list[int]:
+        return [r for r, v in self.read_all().items() if v is None]
+
+
+def _init_process_group(dev: torch.device, timeout_s: int, board: ProgressBoard | None, **kwargs) -> None:
+    if board is not None:
+        board.post("")  # checked in
+    try:
+        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo", timeout=timedelta(seconds=timeout_s),
+                                device_id=dev if dev.type == "cuda" else None, **kwargs)
+    except RuntimeError as exc:  # DistStoreError / gloo / NCCL connection errors
+        missing = board.missing() if board is not None else []
+        if not missing:
+            raise
+        raise RuntimeError(
+            f"distributed initialisation failed on global rank {board.global_rank} of {board.world_size} after "
+            f"waiting up to parallel.distributed_timeout_s={timeout_s}: rank(s) {missing} never joined (check that "
+            f"their processes started and can reach MASTER_ADDR={os.environ.get('MASTER_ADDR')}); torch: {exc}"
+        ) from None
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -73,14 +143,17 @@ def initialize_parallel(parallel: ParallelConfig, *, seed: int, device: str = "a
         enable_cpu_megatron()
     else:
         torch.cuda.set_device(dev)
+    board = None
     if not dist.is_initialized():
         kwargs = {}
         if "RANK" not in os.environ:  # a plain `elas-train` / python process: a world of one, on a free port
             # (passed explicitly, not via os.environ, so that child processes never inherit a stale port)
             kwargs = dict(init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
-        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo",
-                                timeout=timedelta(seconds=parallel.distributed_timeout_s),
-                                device_id=dev if dev.type == "cuda" else None, **kwargs)
+        else:
+            board = ProgressBoard.connect(parallel.distributed_timeout_s)
+        _init_process_group(dev, parallel.distributed_timeout_s, board, **kwargs)
+    elif dist.get_world_size() > 1:
+        board = ProgressBoard.connect(parallel.distributed_timeout_s)
     world = dist.get_world_size()
     if world % (parallel.tp * parallel.pp) != 0:
         raise RuntimeError(f"world size {world} is not divisible by parallel.tp * parallel.pp = "
@@ -101,7 +174,7 @@ def initialize_parallel(parallel: ParallelConfig, *, seed: int, device: str = "a
         pp_rank=parallel_state.get_pipeline_model_parallel_rank(),
         dp_rank=parallel_state.get_data_parallel_rank(),
         tp_size=parallel.tp, pp_size=parallel.pp, dp_size=parallel_state.get_data_parallel_world_size(),
-        device=dev)
+        device=dev, board=board)
     logger.debug("parallel layout: %s", info)
     return info
 
