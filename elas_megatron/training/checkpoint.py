@@ -5,16 +5,28 @@ Layout of ``checkpoint.dir``::
     step_00000100/          one complete checkpoint (dist_checkpointing files + elas_meta.json)
     latest                  text file naming the newest complete step directory
     .step_00000200.tmp/     a save in progress (ignored on load, removed by the next save)
+    .step_00000050.old/     a pruned checkpoint being deleted (ignored, removed by the next save)
 
 A save goes to the temporary directory; only when every rank has finished writing does rank 0 add
-``elas_meta.json``, rename the directory into place and replace ``latest`` atomically (``os.replace``). A
-process killed at any point therefore leaves either the previous checkpoint as latest or the new one complete.
+``elas_meta.json``, flush everything to disk (fsync of the files and directories), rename the directory into
+place and replace ``latest`` atomically (``os.replace``). A process killed at any point therefore leaves either
+the previous checkpoint as latest or the new one complete. ``latest`` is trusted only when it names a complete
+directory; otherwise (removed by hand, or a re-save of the same step killed between removing the old copy and
+renaming the new one) loading falls back to the newest complete ``step_*`` directory. Old checkpoints are
+renamed out of the ``step_*`` namespace before they are deleted, so a half-deleted one is never loaded.
 Sharded tensors are keyed by global shape, so a checkpoint saved with one TP/PP layout loads into another.
 State that only exists per rank (DeepSpeed ZeRO optimizer partitions, under ``zero/``) is written by every rank
 into the same temporary directory before it is published, so it is covered by the same atomicity.
+
+Failures are collective: any rank that cannot write (unwritable directory, disk full, a write error in any
+rank's files) makes every rank raise the same :class:`CheckpointError`, which names the rank(s) and the error;
+the temporary directory is removed and the previous checkpoints stay as they were. The directory is also
+probed once at start-up (:meth:`CheckpointManager.check_writable`), and before each save the free space is
+compared with the size of the previous checkpoint.
 """
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -23,10 +35,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch.distributed as dist
+from torch.distributed.checkpoint.api import CheckpointException
 
 logger = logging.getLogger(__name__)
 
 META = "elas_meta.json"
+SPACE_MARGIN = 1.1
+"""A save is refused up front when the free space is below this factor times the previous checkpoint's size."""
 
 
 class CheckpointError(RuntimeError):
@@ -38,26 +53,81 @@ def _barrier() -> None:
         dist.barrier()
 
 
+def _agree(error: str | None, what: str) -> None:
+    """Collective: raise the same :class:`CheckpointError` on every rank if any rank passes an ``error``."""
+    errors = [error]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        errors = [None] * dist.get_world_size()
+        dist.all_gather_object(errors, error)
+    failed = [(rank, e) for rank, e in enumerate(errors) if e]
+    if failed:
+        ranks = "; ".join(f"rank {rank}: {e}" for rank, e in failed[:4]) + (" ..." if len(failed) > 4 else "")
+        raise CheckpointError(f"{what}: {ranks}")
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _dir_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def _oneline(exc: BaseException) -> str:
+    """The useful line of a (possibly wrapped, multi-rank) dist_checkpointing exception."""
+    if isinstance(exc, CheckpointException):  # failures: {rank: (exception, traceback)}, on the coordinating rank
+        if not exc.failures:
+            return "failed on another rank (the rank that coordinates the save has the details)"
+        rank, (first, _) = next(iter(exc.failures.items()))
+        return f"failed on rank(s) {sorted(exc.failures)}, e.g. rank {rank}: {type(first).__name__}: {first}"
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[-1] if text else ''}"
+
+
 class CheckpointManager:
-    def __init__(self, directory: str | Path, *, keep_last: int, global_rank: int) -> None:
+    """Step-numbered, atomically published checkpoints in one directory.
+
+    Args:
+        directory: ``checkpoint.dir``.
+        keep_last: keep the newest K checkpoints (0 = all).
+        global_rank: this process; rank 0 creates, publishes and prunes.
+        fault: test-only hook ``fault(phase, step)`` (:class:`elas_megatron.training.guards.TestFaults`), called
+            at ``begin``, ``written`` (all files written, not yet published) and ``published`` (renamed into
+            place, ``latest`` not yet updated).
+    """
+
+    def __init__(self, directory: str | Path, *, keep_last: int, global_rank: int,
+                 fault: Callable[[str, int], None] | None = None) -> None:
         self.dir = Path(directory)
         self.keep_last = keep_last
         self.is_writer = global_rank == 0
+        self.fault = fault
 
     @staticmethod
     def step_name(step: int) -> str:
         return f"step_{step:08d}"
 
+    def complete_steps(self) -> list[Path]:
+        """Complete checkpoints, oldest first."""
+        return sorted(p for p in self.dir.glob("step_*") if p.is_dir() and (p / META).is_file())
+
     def latest(self) -> Path | None:
-        """The newest complete checkpoint, or None."""
+        """The checkpoint ``latest`` names, else the newest complete one (with a warning), else None."""
         pointer = self.dir / "latest"
-        if not pointer.is_file():
-            return None
-        path = self.dir / pointer.read_text().strip()
-        if not (path / META).is_file():
-            raise CheckpointError(f"{pointer} names {path.name}, which is incomplete or missing; point it at a "
-                                  f"complete step_* directory (one containing {META}) or remove it to start fresh")
-        return path
+        if pointer.is_file():
+            path = self.dir / pointer.read_text().strip()
+            if (path / META).is_file():
+                return path
+        steps = self.complete_steps()
+        if pointer.is_file() or steps:
+            logger.warning("%s %s; using the newest complete checkpoint: %s", pointer,
+                           "names an incomplete or missing checkpoint" if pointer.is_file() else "is missing",
+                           steps[-1].name if steps else None)
+        return steps[-1] if steps else None
 
     @staticmethod
     def read_meta(path: str | Path) -> dict:
@@ -66,54 +136,129 @@ class CheckpointManager:
             raise CheckpointError(f"{path} is not a complete elas-megatron checkpoint (no {META})")
         return json.loads(meta.read_text())
 
+    def check_writable(self) -> None:
+        """Collective, at start-up: create the directory and write a probe file, so that a bad ``checkpoint.dir``
+        stops the run before it trains, not at its first save."""
+        error = None
+        if self.is_writer:
+            probe = self.dir / ".write_probe"
+            try:
+                self.dir.mkdir(parents=True, exist_ok=True)
+                probe.write_text("ok")
+                probe.unlink()
+            except OSError as exc:
+                error = f"{type(exc).__name__}: {exc}"
+        _agree(error, f"cannot write checkpoints to {self.dir} (checkpoint.dir); fix its permissions/space or set "
+                      "another checkpoint.dir")
+
+    def _prepare(self, tmp: Path) -> None:
+        """Rank 0: fresh temporary directory, leftovers of killed saves/prunes removed, enough free space."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        for leftover in list(self.dir.glob(".step_*.tmp")) + list(self.dir.glob(".step_*.old")):
+            shutil.rmtree(leftover, ignore_errors=True)
+        steps = self.complete_steps()
+        if steps:
+            need = _dir_bytes(steps[-1]) * SPACE_MARGIN
+            free = shutil.disk_usage(self.dir).free
+            if free < need:
+                raise OSError(errno.ENOSPC, f"{free / 2**30:.2f} GiB free, but the previous checkpoint "
+                                            f"({steps[-1].name}) took {need / SPACE_MARGIN / 2**30:.2f} GiB")
+        tmp.mkdir()
+
     def save(self, step: int, sharded_state_dict: dict, meta: dict,
              write_local: Callable[[Path], None] | None = None) -> Path:
         """Write ``sharded_state_dict`` for ``step`` atomically; all ranks must call it.
 
         ``write_local(directory)``, if given, runs on every rank after the sharded save and before the directory
         is published, for state that lives per rank (DeepSpeed's ZeRO optimizer partitions).
+
+        Raises:
+            CheckpointError: on every rank, if any rank failed; nothing is published and the previous
+                checkpoints are untouched.
         """
         from megatron.core import dist_checkpointing
 
         final = self.dir / self.step_name(step)
         tmp = self.dir / f".{final.name}.tmp"
+        what = (f"checkpoint {final.name} could not be written to {self.dir}; the previous checkpoints are intact. "
+                "Free space / fix the directory (or set checkpoint.dir) and restart with --resume")
+        if self.fault is not None:
+            self.fault("begin", step)
+        error = None
         if self.is_writer:
             try:
-                self.dir.mkdir(parents=True, exist_ok=True)
-                if tmp.exists():
-                    shutil.rmtree(tmp)
-                tmp.mkdir()
+                self._prepare(tmp)
             except OSError as exc:
-                raise CheckpointError(f"cannot write checkpoints to {self.dir}: {exc}; fix the permissions/space "
-                                      "or set checkpoint.dir") from None
-        _barrier()
-        dist_checkpointing.save(sharded_state_dict, str(tmp))
-        if write_local is not None:
-            write_local(tmp)
-        _barrier()
-        if self.is_writer:
-            (tmp / META).write_text(json.dumps(dict(meta, step=step), indent=1))
-            if final.exists():  # re-saving the same step (e.g. after a resume): replace it
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            pointer_tmp = self.dir / ".latest.tmp"
-            pointer_tmp.write_text(final.name + "\n")
-            os.replace(pointer_tmp, self.dir / "latest")
-            self._prune(keep=final)
-        _barrier()
+                error = f"{type(exc).__name__}: {exc}"
+        _agree(error, what)
+        error = None
+        try:
+            dist_checkpointing.save(sharded_state_dict, str(tmp))
+            if write_local is not None:
+                write_local(tmp)
+        except (Exception, CheckpointException) as exc:  # noqa: BLE001
+            # every write failure must reach the other ranks instead of hanging them (CheckpointException, which
+            # dist_checkpointing raises on every rank when one rank's files fail, is a BaseException)
+            error = _oneline(exc)
+        if error is None and self.fault is not None:
+            self.fault("written", step)
+        try:
+            _agree(error, what)
+            error = None
+            if self.is_writer:
+                try:
+                    self._publish(tmp, final, dict(meta, step=step))
+                except OSError as exc:
+                    error = f"{type(exc).__name__}: {exc}"
+            _agree(error, what)
+        except CheckpointError:
+            if self.is_writer:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise
         logger.info("saved checkpoint %s", final)
         return final
+
+    def _publish(self, tmp: Path, final: Path, meta: dict) -> None:
+        (tmp / META).write_text(json.dumps(meta, indent=1))
+        for path in tmp.rglob("*"):  # durable before visible: a node crash must not publish empty files
+            _fsync(path)
+        _fsync(tmp)
+        if final.exists():  # re-saving the same step (e.g. after a resume): replace it
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync(self.dir)
+        if self.fault is not None:
+            self.fault("published", int(meta["step"]))
+        pointer_tmp = self.dir / ".latest.tmp"
+        pointer_tmp.write_text(final.name + "\n")
+        _fsync(pointer_tmp)
+        os.replace(pointer_tmp, self.dir / "latest")
+        _fsync(self.dir)
+        self._prune(keep=final)
 
     def _prune(self, keep: Path) -> None:
         if self.keep_last <= 0:
             return
-        steps = sorted(p for p in self.dir.glob("step_*") if p.is_dir() and (p / META).is_file())
-        for old in steps[:-self.keep_last]:
+        for old in self.complete_steps()[:-self.keep_last]:
             if old != keep:
-                shutil.rmtree(old, ignore_errors=True)
+                trash = old.with_name(f".{old.name}.old")
+                os.replace(old, trash)  # out of the step_* namespace first: a half-deleted one is never loaded
+                shutil.rmtree(trash, ignore_errors=True)
 
     @staticmethod
     def load(path: str | Path, sharded_state_dict: dict) -> dict:
+        """Load ``sharded_state_dict`` from the step directory ``path``.
+
+        Raises:
+            CheckpointError: the files cannot be read (damaged after they were written, or not this model's).
+        """
         from megatron.core import dist_checkpointing
 
-        return dist_checkpointing.load(sharded_state_dict, str(path))
+        path = Path(path)
+        try:
+            return dist_checkpointing.load(sharded_state_dict, str(path))
+        except (Exception, CheckpointException) as exc:  # torch/megatron raise many kinds here
+            raise CheckpointError(
+                f"checkpoint {path} could not be loaded ({_oneline(exc)[:400]}); if it was damaged after it was "
+                f"written, resume from an older one: write its step_* name into {path.parent / 'latest'}, or move "
+                f"{path.name} away") from exc
