@@ -5,12 +5,19 @@ One code path for every layout: the step always runs through Megatron-Core's ``g
 either megatron-core's DDP + (distributed) optimizer or DeepSpeed ZeRO-1/2 (:mod:`elas_megatron.training.optim`,
 :mod:`elas_megatron.parallel.zero`); both plug into the schedule through its hooks (``finalize_model_grads_func``
 etc.). A single-process CPU run is simply the layout TP=PP=DP=1.
+
+Reliability (docs/reliability.md): every step passes :class:`~elas_megatron.training.guards.NumericGuard` before
+the optimizer runs (rank-agreed NaN/Inf and loss-spike detection, bounded skipping); multi-process training runs
+under a :class:`~elas_megatron.training.guards.Watchdog` that names stuck ranks; checkpoints are atomic and
+their failures collective (:mod:`elas_megatron.training.checkpoint`). ``train()`` decides to stop in one place,
+:meth:`Trainer.should_stop`.
 """
 from __future__ import annotations
 
+import json
 import logging
-import math
 import time
+from contextlib import nullcontext
 from functools import partial
 from pathlib import Path
 
@@ -23,6 +30,7 @@ from elas_megatron.data.loader import StepBatches
 from elas_megatron.parallel.setup import ParallelInfo, initialize_parallel
 from elas_megatron.parallel.zero import check_deepspeed_config
 from elas_megatron.training.checkpoint import CheckpointError, CheckpointManager
+from elas_megatron.training.guards import NumericGuard, Progress, TestFaults, Watchdog, check_density
 from elas_megatron.training.metrics import MetricsLogger
 from elas_megatron.training.optim import build_optimizer_backend, build_scheduler
 
@@ -66,6 +74,13 @@ class Trainer:
         if self.info.global_rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             dump_config(cfg, self.run_dir / "config.yaml")
+        # TEST-ONLY fault injection ($ELAS_TEST_FAULTS); None in every real run, so each hook is one `is not None`.
+        self.faults = TestFaults.from_env(self.info.global_rank)
+        self.ckpt = CheckpointManager(cfg.checkpoint.dir or self.run_dir / "checkpoints",
+                                      keep_last=cfg.checkpoint.keep_last, global_rank=self.info.global_rank,
+                                      fault=self.faults.in_save if self.faults is not None else None)
+        if cfg.checkpoint.every or cfg.checkpoint.save_final:
+            self.ckpt.check_writable()  # before the data and the model: a bad directory costs seconds, not a run
 
         self.model = self._build_model()
         self.backend = build_optimizer_backend(cfg, self.model, bf16=self.bf16, dp_size=self.info.dp_size)
@@ -81,8 +96,14 @@ class Trainer:
         self.valid_batches = StepBatches(valid_ds, global_batch=t.micro_batch * self.info.dp_size, **batch_args)
         self.sparsity = SparsitySchedule(cfg.model.dense_warmup_steps if cfg.model.variant == "elas" else 0)
 
-        self.ckpt = CheckpointManager(cfg.checkpoint.dir or self.run_dir / "checkpoints",
-                                      keep_last=cfg.checkpoint.keep_last, global_rank=self.info.global_rank)
+        if self.faults is not None:  # before the guard's hooks, so that they see the poisoned values
+            self.faults.install(self._unwrapped(), lambda: self.step + 1)
+        self.guard = NumericGuard(self._unwrapped(), max_skipped_steps=t.max_skipped_steps,
+                                  loss_spike_factor=t.loss_spike_factor, device=self.device,
+                                  grads_in_hooks=cfg.parallel.optimizer == "deepspeed" and cfg.parallel.zero_stage >= 2)
+        self.guard.wrap_finalize(self.tconfig)
+        self.progress = Progress()
+        self.density: float | None = None  # measured in the last step (train.density_check_every)
         self.metrics = MetricsLogger(self.run_dir, enabled=self.info.is_logging_rank,
                                      flops_per_token=flops_per_token(cfg.model, self.vocab_size, t.seq_len),
                                      device=self.device, num_gpus=self.info.world_size)
@@ -171,6 +192,7 @@ class Trainer:
         if self._microbatch is not None:  # training: let the optimizer backend see micro-batch boundaries
             self.backend.before_microbatch(self._microbatch, self._num_microbatches)
             self._microbatch += 1
+        self.progress.update(self.step + 1, "forward")
         batch = next(data_iterator)
         output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
         return output, partial(self._loss_func, batch["loss_mask"])
@@ -202,9 +224,22 @@ class Trainer:
         return (totals[0] / totals[1]).item()
 
     def train_step(self) -> tuple[float, float | None]:
-        """One optimizer step over ``train.global_batch`` sequences. Returns (loss, grad norm)."""
+        """One optimizer step over ``train.global_batch`` sequences. Returns (loss, grad norm).
+
+        A step the :class:`NumericGuard` rejects (NaN/Inf, loss spike) leaves weights, optimizer and LR schedule
+        untouched and returns a None grad norm; its batch is dropped (the step counter still advances).
+        """
+        from elas_megatron.sparsity.schedule import elas_mlps, set_density_tracking
+
+        self.progress.update(self.step + 1, "step start")
+        if self.faults is not None:
+            self.faults.at_step_start(self.step + 1)
         self.sparsity.apply(self.model, self.step)
+        measure_density = self._density_step()
+        if measure_density:
+            set_density_tracking(self.model, True)
         self.backend.zero_grad()
+        self.guard.begin_step()
         batches = self.train_batches
         iterators = [batches.step_iterator(self.step) for _ in self.model]
         self._microbatch, self._num_microbatches = 0, batches.num_microbatches * len(self.model)
@@ -212,11 +247,27 @@ class Trainer:
             loss = self._run_schedule(iterators, batches.num_microbatches, forward_only=False)
         finally:
             self._microbatch = None
-        success, grad_norm = self.backend.step()
-        if success:
-            self.scheduler.step(increment=1)
+        self.progress.update(self.step + 1, "numerical check")
+        problem = self.guard.check(self.step + 1, loss)
+        grad_norm = None
+        if problem is None:
+            self.progress.update(self.step + 1, "optimizer step")
+            success, grad_norm = self.backend.step()
+            if success:
+                self.scheduler.step(increment=1)
+        else:
+            self.guard.skip(problem)  # raises NumericalError when the budget is spent
+        self.density = None
+        if measure_density:
+            self.density = check_density(elas_mlps(self.model), self.step + 1, self.cfg.train.density_warn)
+            set_density_tracking(self.model, False)
         self.step += 1
         return loss, grad_norm
+
+    def _density_step(self) -> bool:
+        every = self.cfg.train.density_check_every
+        return (self.cfg.model.variant == "elas" and every > 0 and (self.step + 1) % every == 0
+                and self.sparsity.is_sparse(self.step))
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -238,34 +289,52 @@ class Trainer:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
+    def should_stop(self) -> bool:
+        """The one place the training loop decides to stop (``train.steps`` reached)."""
+        return self.step >= self.cfg.train.steps
+
     def train(self) -> float:
         """Train to ``train.steps``; evaluate and checkpoint on schedule. Returns the final validation loss."""
+        if self.should_stop():
+            logger.info("already at step %d of %d: nothing to train", self.step, self.cfg.train.steps)
+        watchdog = (Watchdog(self.progress, timeout_s=self.cfg.parallel.distributed_timeout_s, board=self.info.board,
+                             global_rank=self.info.global_rank) if self.info.world_size > 1 else nullcontext())
+        with watchdog:
+            while not self.should_stop():
+                self._train_and_log()
+            val = self.evaluate()
+            if self.cfg.checkpoint.save_final:
+                self.save()
+        return val
+
+    def _train_and_log(self) -> None:
+        """One step, its log record, and the evaluation / checkpoint it is due for."""
         t, c = self.cfg.train, self.cfg.checkpoint
         tokens_per_step = t.global_batch * t.seq_len
-        if self.step >= t.steps:
-            logger.info("already at step %d of %d: nothing to train", self.step, t.steps)
-        while self.step < t.steps:
-            self._sync()
-            start = time.perf_counter()
-            lr = self.optimizer.param_groups[0]["lr"]
-            loss, grad_norm = self.train_step()
-            self._sync()
-            elapsed = time.perf_counter() - start
-            if not math.isfinite(loss):
-                raise FloatingPointError(f"loss is {loss} at step {self.step}; lower optim.lr or check the data")
-            if self.step % self.cfg.log.every == 0 or self.step == t.steps:
-                extra = {"sparse24": self.sparsity.is_sparse(self.step - 1)} if self.cfg.model.variant == "elas" else None
-                self.metrics.log_step(step=self.step, loss=loss, lr=lr,
-                                      grad_norm=grad_norm, tokens_per_step=tokens_per_step, step_time_s=elapsed,
-                                      tokens=self.step * tokens_per_step, extra=extra)
-            if t.eval_every and self.step % t.eval_every == 0 and self.step < t.steps:
-                self.evaluate()
-            if c.every and self.step % c.every == 0 and self.step < t.steps:
-                self.save()
-        val = self.evaluate()
-        if c.save_final:
+        self._sync()
+        start = time.perf_counter()
+        lr = self.optimizer.param_groups[0]["lr"]
+        loss, grad_norm = self.train_step()
+        self._sync()
+        elapsed = time.perf_counter() - start
+        log_now = self.step % self.cfg.log.every == 0 or self.step == t.steps
+        if self.density is not None and not log_now:
+            logger.info("step %d: sparsity/act_density %.4f", self.step, self.density)
+        if log_now:
+            extra = None
+            if self.cfg.model.variant == "elas":
+                extra = {"sparse24": self.sparsity.is_sparse(self.step - 1)}
+                if self.density is not None:
+                    extra["sparsity/act_density"] = self.density
+            if self.guard.skipped_steps:
+                extra = dict(extra or {}, skipped_steps=self.guard.skipped_steps)
+            self.metrics.log_step(step=self.step, loss=loss, lr=lr,
+                                  grad_norm=grad_norm, tokens_per_step=tokens_per_step, step_time_s=elapsed,
+                                  tokens=self.step * tokens_per_step, extra=extra)
+        if t.eval_every and self.step % t.eval_every == 0 and self.step < t.steps:
+            self.evaluate()
+        if c.every and self.step % c.every == 0 and self.step < t.steps:
             self.save()
-        return val
 
     # ----------------------------------------------------------------------------------------- checkpoints
     def _unwrapped(self) -> list[torch.nn.Module]:
@@ -298,9 +367,13 @@ class Trainer:
 
     def save(self) -> Path:
         meta = {"config": config_to_dict(self.cfg), "vocab_size": self.vocab_size,
-                "consumed_samples": self.step * self.cfg.train.global_batch, "layout": self._layout()}
+                "consumed_samples": self.step * self.cfg.train.global_batch, "layout": self._layout(),
+                "guard": self.guard.state_dict()}
         write_local = getattr(self.backend, "save_optimizer", None)
-        return self.ckpt.save(self.step, self._sharded_state_dict(), meta, write_local=write_local)
+        self.progress.update(self.step, "checkpoint save", watched=False)  # large saves may take long
+        path = self.ckpt.save(self.step, self._sharded_state_dict(), meta, write_local=write_local)
+        self.progress.update(self.step, "after checkpoint save")
+        return path
 
     def _check_compatible(self, path: Path, meta: dict) -> None:
         theirs, ours = meta["config"]["model"], config_to_dict(self.cfg)["model"]
@@ -340,6 +413,7 @@ class Trainer:
             self.backend.load_optimizer(path)
         self.scheduler.load_state_dict(loaded["scheduler"])
         self.step = int(loaded["step"])
+        self.guard.load_state_dict(meta.get("guard", {}))
         logger.info("resumed from %s at step %d", path, self.step)
 
     def load_latest(self) -> bool:
@@ -348,4 +422,9 @@ class Trainer:
             logger.info("--resume: no checkpoint in %s yet, starting from step 0", self.ckpt.dir)
             return False
         self.load(path)
+        if self.metrics.enabled:
+            # metrics.jsonl is appended to: records after this line supersede those of steps > self.step
+            # (written by the interrupted run); see docs/reliability.md
+            with self.metrics.path.open("a") as f:
+                f.write(json.dumps({"event": "resume", "step": self.step, "checkpoint": path.name}) + "\n")
         return True
