@@ -225,7 +225,7 @@ class TrainConfig:
     treated like a non-finite one (skipped within train.max_skipped_steps, else the run stops). 0 = off; e.g. 2."""
     density_check_every: int = 100
     """elas: every N steps measure the FFN activation density after 2:4 sparsification (logged as
-    sparsity/act_density; one extra pass and a host sync per ElasMLP in that step). Above 0.5 stops the run (the
+    sparsity/act_density; one extra pass and a host sync per ElasMLP in that step). Above 0.5 logs an error (the
     2:4 invariant is broken); below train.density_warn warns. 0 = off."""
     density_warn: float = 0.2
     """elas: warn when the measured activation density drops below this (many all-zero groups: dying ReLU units;
