@@ -1,0 +1,101 @@
+"""Helpers of the reliability tests: launch elas-train (1 process, or 2 under torchrun) on the shipped demo corpus
+with tiny shapes and test faults, read metrics.jsonl the way docs/reliability.md defines, and a tiny in-memory
+dataset for in-process trainers."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[2]
+TINY = ["model.hidden_size=64", "model.num_layers=2", "model.num_heads=4", "model.ffn_hidden_size=128",
+        "model.rank=16", "train.seq_len=64", "train.global_batch=8", "train.micro_batch=4", "train.eval_iters=1",
+        "log.every=1", "model.dense_warmup_steps=2", "optim.warmup_steps=2", "log.level=info"]
+DATA = [f"data.tokenizer={REPO / 'data/demo/tokenizer.model'}",
+        f"data.train_prefixes=[{REPO / 'data/demo/tokens/demo_text_document'}]"]
+FAULTS_ENV = "ELAS_TEST_FAULTS"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(run_dir: Path, *overrides: str, nproc: int = 2, faults: str | None = None, resume: bool = False,
+           timeout_s: int = 240) -> subprocess.CompletedProcess:
+    """Run ``elas-train configs/demo.yaml`` (under torchrun when ``nproc > 1``) and wait for it.
+
+    The job runs in its own session; whatever of it is left afterwards (killed ranks leave dist_checkpointing's
+    helper processes behind) is killed by that session's process group, i.e. only processes this call started.
+    """
+    cmd = [sys.executable]
+    if nproc > 1:
+        cmd += ["-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port", str(_free_port())]
+    else:
+        cmd += ["-u"]
+    cmd += ["-m", "elas_megatron.cli.train", str(REPO / "configs/demo.yaml"), *TINY, *DATA,
+            f"train.run_dir={run_dir}", f"data.cache_dir={run_dir.parent / 'data_cache'}", *overrides]
+    if resume:
+        cmd.append("--resume")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.pop(FAULTS_ENV, None)
+    if faults:
+        env[FAULTS_ENV] = faults
+    # Output goes to files, not pipes: helper processes of killed ranks would keep pipes open until killed.
+    log = run_dir.parent / f"{run_dir.name}.launch{len(list(run_dir.parent.glob(run_dir.name + '.launch*')))}"
+    with open(f"{log}.out", "w") as out_f, open(f"{log}.err", "w") as err_f:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out_f, stderr=err_f, start_new_session=True)
+        try:
+            proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"{' '.join(cmd)} did not finish in {timeout_s} s; see {log}.err") from None
+        finally:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.wait()
+    out, err = Path(f"{log}.out").read_text(), Path(f"{log}.err").read_text()
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """metrics.jsonl as docs/reliability.md defines it: a ``{"event": "resume", "step": S}`` record (written when
+    a run resumes from the checkpoint of step S) supersedes every earlier record of a step after S."""
+    records: list[dict] = []
+    for line in Path(path).read_text().splitlines():
+        rec = json.loads(line)
+        if rec.get("event") == "resume":
+            records = [r for r in records if r["step"] <= rec["step"]]
+        else:
+            records.append(rec)
+    return records
+
+
+def step_losses(path: Path) -> dict[int, float]:
+    records = [r for r in read_metrics(path) if "loss" in r]
+    steps = [r["step"] for r in records]
+    assert steps == sorted(set(steps)), f"steps logged twice or out of order after superseding: {steps}"
+    return {r["step"]: r["loss"] for r in records}
+
+
+class RandomTokens:
+    """``n`` samples of ``seq_len`` random tokens in GPTDataset's item format (deterministic per index)."""
+
+    def __init__(self, n: int, seq_len: int, vocab_size: int) -> None:
+        self.n, self.seq_len, self.vocab_size = n, seq_len, vocab_size
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> dict:
+        seq = np.random.default_rng(i).integers(0, self.vocab_size, self.seq_len + 1)
+        return {"tokens": seq[:-1], "labels": seq[1:], "loss_mask": np.ones(self.seq_len, dtype=np.float32),
+                "position_ids": np.arange(self.seq_len)}

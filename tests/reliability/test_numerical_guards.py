@@ -1,0 +1,179 @@
+"""Numerical guards: NaN/Inf in a gradient or an activation is detected by every rank together; the step is skipped
+(weights, optimizer, LR schedule untouched) within train.max_skipped_steps, else the run stops naming the step,
+rank and layer; the loss-spike guard; the ELAS activation-density check."""
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from reliability_runs import _free_port, launch, read_metrics
+
+from elas_megatron.training.guards import NumericalError, NumericGuard, check_density
+
+
+def _weights(trainer) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in trainer.model[0].parameters()]
+
+
+def _adam_state(trainer) -> list[torch.Tensor]:
+    opt = trainer.optimizer
+    inner = getattr(opt, "chained_optimizers", [opt])[0].optimizer
+    return [v.clone() for s in inner.state.values() for v in s.values() if isinstance(v, torch.Tensor)]
+
+
+def test_a_skipped_step_changes_nothing_and_training_goes_on(make_trainer, caplog):
+    trainer = make_trainer("train.max_skipped_steps=1", faults="nan_grad@3:decoder.layers.1.mlp")
+    for _ in range(2):
+        trainer.train_step()
+    weights, adam, lr_steps = _weights(trainer), _adam_state(trainer), trainer.scheduler.num_steps
+    with caplog.at_level(logging.WARNING, logger="elas_megatron.training.guards"):
+        loss, grad_norm = trainer.train_step()
+    assert grad_norm is None and trainer.step == 3 and trainer.guard.skipped_steps == 1
+    assert "non-finite values at step 3" in caplog.text and "decoder.layers.1.mlp.linear_fc1.A" in caplog.text
+    assert all(torch.equal(a, b) for a, b in zip(weights, _weights(trainer)))
+    assert all(torch.equal(a, b) for a, b in zip(adam, _adam_state(trainer)))
+    assert trainer.scheduler.num_steps == lr_steps
+    loss, grad_norm = trainer.train_step()  # the next batch trains normally
+    assert grad_norm is not None and torch.isfinite(torch.tensor(loss))
+    assert not all(torch.equal(a, b) for a, b in zip(weights, _weights(trainer)))
+
+
+def test_without_budget_the_run_stops_naming_step_rank_and_layer(make_trainer):
+    trainer = make_trainer(faults="nan_act@2:decoder.layers.1.self_attention")
+    trainer.train_step()
+    with pytest.raises(NumericalError, match=r"non-finite values at step 2 \(loss nan\): rank 0: first non-finite "
+                                             r"activation: output of decoder\.layers\.1\.self_attention; .*"
+                                             r"train\.max_skipped_steps=0"):
+        trainer.train_step()
+
+
+def test_the_skip_budget_survives_a_resume(make_trainer):
+    trainer = make_trainer("train.max_skipped_steps=1", faults="nan_grad@2:output_layer")
+    for _ in range(3):
+        trainer.train_step()
+    trainer.save()
+    resumed = make_trainer("train.max_skipped_steps=1", faults="nan_grad@5:output_layer", resume=True)
+    assert resumed.step == 3 and resumed.guard.skipped_steps == 1
+    resumed.train_step()
+    with pytest.raises(NumericalError, match="2 bad step"):
+        resumed.train_step()
+
+
+def test_layers_are_named_by_their_index_in_the_model_not_on_the_pipeline_stage():
+    class Layer(torch.nn.Module):
+        def __init__(self, layer_number):
+            super().__init__()
+            self.layer_number, self.mlp = layer_number, torch.nn.Linear(2, 2)
+
+    chunk = torch.nn.Module()  # a second pipeline stage: its local layers 0, 1 are the model's layers 2, 3
+    chunk.decoder = torch.nn.Module()
+    chunk.decoder.layers = torch.nn.ModuleList([Layer(3), Layer(4)])
+    guard = NumericGuard([chunk], max_skipped_steps=0, loss_spike_factor=0, device=torch.device("cpu"))
+    assert guard.module_names == ["decoder.layers.2.mlp", "decoder.layers.2", "decoder.layers.3.mlp",
+                                  "decoder.layers.3"]
+    assert [n for n, _ in guard.params][:2] == ["decoder.layers.2.mlp.weight", "decoder.layers.2.mlp.bias"]
+
+
+def test_loss_spike_guard():
+    layer = torch.nn.Linear(2, 2)
+    guard = NumericGuard([layer], max_skipped_steps=5, loss_spike_factor=2.0, device=torch.device("cpu"))
+    guard.begin_step()
+    for _ in range(10):
+        assert guard.check(1, 3.0) is None
+    assert guard.check(11, 5.9) is None
+    assert "loss spike at step 12: 7.0000 > train.loss_spike_factor=2 x running mean" in guard.check(12, 7.0)
+    off = NumericGuard([layer], max_skipped_steps=5, loss_spike_factor=0.0, device=torch.device("cpu"))
+    for step in range(11):
+        off.check(step, 3.0)
+    assert off.check(12, 1e6) is None
+    assert "loss nan" in guard.check(13, float("nan"))  # a non-finite loss is caught even without hooks
+
+
+class _Mlp:
+    def __init__(self, density, sparse=True):
+        self.last_density, self.is_sparse = density, sparse
+
+
+def test_density_check(caplog):
+    with caplog.at_level(logging.WARNING, logger="elas_megatron.training.guards"):
+        assert check_density([_Mlp(0.40), _Mlp(0.42)], 7, 0.2) == pytest.approx(0.41)
+        assert not caplog.records
+        assert check_density([_Mlp(0.6)], 8, 0.2) == pytest.approx(0.6)
+        assert "density 0.6000 > 0.5: the ELAS FFN is not 2:4 sparse" in caplog.text
+        check_density([_Mlp(0.1)], 9, 0.2)
+        assert "dropped to 0.1000 < train.density_warn=0.2" in caplog.text
+    assert check_density([_Mlp(0.9, sparse=False)], 10, 0.2) is None  # dense modules (warm-up, ablation) not checked
+
+
+def test_density_is_measured_and_logged_in_training(make_trainer):
+    trainer = make_trainer("model.variant=elas", "train.density_check_every=2", "train.steps=4", "train.eval_iters=1")
+    trainer.train()
+    records = [r for r in read_metrics(trainer.run_dir / "metrics.jsonl") if "loss" in r]
+    densities = {r["step"]: r.get("sparsity/act_density") for r in records}
+    assert densities[1] is None and densities[3] is None
+    assert 0.2 < densities[2] <= 0.5 and 0.2 < densities[4] <= 0.5
+
+
+@pytest.mark.distributed
+def test_two_ranks_agree_skip_then_stop(tmp_path):
+    """Rank 1's NaN gradient at step 3 is skipped by both ranks (they stay in lockstep); rank 0's NaN activation
+    at step 5 exceeds train.max_skipped_steps=1 and both stop naming step 5, rank 0 and the layer."""
+    result = launch(tmp_path / "run", "train.steps=6", "train.max_skipped_steps=1", "checkpoint.save_final=false",
+                    faults="nan_grad@3:rank=1:decoder.layers.1.mlp,nan_act@5:rank=0:decoder.layers.0.self_attention")
+    assert result.returncode != 0
+    for rank in (0, 1):
+        assert f"[rank{rank}] WARNING elas_megatron.training.guards: non-finite values at step 3 " in result.stderr
+        assert (f"[rank{rank}]: elas_megatron.training.guards.NumericalError: non-finite values at step 5 (loss nan): "
+                "rank 0: first non-finite activation: output of decoder.layers.0.self_attention") in result.stderr
+    assert "rank 1: non-finite gradient in 1 of" in result.stderr
+    steps = {r["step"]: r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "loss" in r}
+    assert sorted(steps) == [1, 2, 3, 4]
+    assert steps[3]["grad_norm"] is None and steps[3]["skipped_steps"] == 1
+    assert steps[4]["lr"] == steps[3]["lr"] and steps[4]["grad_norm"] is not None  # the schedule did not advance
+
+
+def test_hook_mode_sees_gradients_that_are_gone_by_the_check():
+    """DeepSpeed ZeRO-2 reduces and frees gradients during backward: the guard must catch them as they appear."""
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 1))
+    model[0].weight.register_hook(lambda g: g * float("nan"))  # autograd produces a NaN gradient
+    guard = NumericGuard([model], max_skipped_steps=0, loss_spike_factor=0, device=torch.device("cpu"),
+                         grads_in_hooks=True)
+    guard.begin_step()
+    model(torch.ones(2, 4)).sum().backward()
+    for p in model.parameters():
+        p.grad = None  # reduced into a partition and freed
+    guard.record_grads()  # a no-op in hook mode
+    assert "non-finite gradient in 1 of 4 parameters, nearest the output: 0.weight" in guard.check(1, 1.0)
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed is not installed")
+def test_a_skipped_step_leaves_every_optimizer_backend_clean(tmp_path):
+    out = tmp_path / "losses.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port()),
+           str(Path(__file__).parent / "skip_backends.py"), str(out)]
+    with open(tmp_path / "err", "w") as err:
+        proc = subprocess.Popen(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=err, stderr=err,
+                                start_new_session=True)
+        try:
+            proc.wait(timeout=300)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 0, (tmp_path / "err").read_text()[-4000:]
+    losses = json.loads(out.read_text())
+    want = losses.pop("megatron")
+    assert all(torch.isfinite(torch.tensor(want))) and want[3] != want[2]
+    for backend, got in losses.items():
+        assert max(abs(a - b) for a, b in zip(got, want)) <= 1e-5, (backend, got, want)
