@@ -60,8 +60,12 @@ def main(argv: list[str] | None = None) -> int:
     if trainer.info.is_logging_rank:
         import math
 
-        print(f"final step {trainer.step}: validation loss {val_loss:.4f}, "
-              f"validation perplexity {math.exp(min(val_loss, 50.0)):.2f}", flush=True)
+        if trainer.stopped_by:
+            print(f"stopped by {trainer.stopped_by} after step {trainer.step}: checkpoint saved; "
+                  "rerun with --resume to continue", flush=True)
+        else:
+            print(f"final step {trainer.step}: validation loss {val_loss:.4f}, "
+                  f"validation perplexity {math.exp(min(val_loss, 50.0)):.2f}", flush=True)
     destroy_parallel()
     return 0
 

@@ -33,6 +33,7 @@ from elas_megatron.training.checkpoint import CheckpointError, CheckpointManager
 from elas_megatron.training.guards import NumericGuard, Progress, TestFaults, Watchdog, check_density
 from elas_megatron.training.metrics import MetricsLogger
 from elas_megatron.training.optim import build_optimizer_backend, build_scheduler
+from elas_megatron.training.signals import StopSignal
 
 logger = logging.getLogger(__name__)
 
@@ -108,6 +109,7 @@ class Trainer:
                                      flops_per_token=flops_per_token(cfg.model, self.vocab_size, t.seq_len),
                                      device=self.device, num_gpus=self.info.world_size)
         self.step = 0
+        self.stopped_by: str | None = None  # the signal that ended train() early (preemption), if any
         self._microbatch: int | None = None  # index of the next training micro-batch within a step
         self._num_microbatches = 0
         self.last_val_loss: float | None = None
@@ -299,9 +301,15 @@ class Trainer:
             logger.info("already at step %d of %d: nothing to train", self.step, self.cfg.train.steps)
         watchdog = (Watchdog(self.progress, timeout_s=self.cfg.parallel.distributed_timeout_s, board=self.info.board,
                              global_rank=self.info.global_rank) if self.info.world_size > 1 else nullcontext())
-        with watchdog:
+        with watchdog, StopSignal() as stop:
             while not self.should_stop():
                 self._train_and_log()
+                if stop.should_stop():  # SIGTERM/SIGUSR1 on any rank (preemption): save and leave, all together
+                    self.stopped_by = stop.reason
+                    latest = self.ckpt.latest()
+                    if latest is None or latest.name != CheckpointManager.step_name(self.step):
+                        self.save()
+                    return self.last_val_loss if self.last_val_loss is not None else float("nan")
             val = self.evaluate()
             if self.cfg.checkpoint.save_final:
                 self.save()
