@@ -6,9 +6,9 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -22,48 +22,59 @@ DATA = [f"data.tokenizer={REPO / 'data/demo/tokenizer.model'}",
 FAULTS_ENV = "ELAS_TEST_FAULTS"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+"""torchrun on one node; --standalone picks a free rendezvous port itself (no race with other jobs' ports)."""
 
 
 def launch(run_dir: Path, *overrides: str, nproc: int = 2, faults: str | None = None, resume: bool = False,
            timeout_s: int = 240) -> subprocess.CompletedProcess:
     """Run ``elas-train configs/demo.yaml`` (under torchrun when ``nproc > 1``) and wait for it.
 
-    The job runs in its own session; whatever of it is left afterwards (killed ranks leave dist_checkpointing's
-    helper processes behind) is killed by that session's process group, i.e. only processes this call started.
+    Whatever of the job is left afterwards -- a killed rank leaves dist_checkpointing's helper processes behind,
+    in the rank's own session -- is found by a marker in its environment and killed by pid (only processes this
+    call started).
     """
-    cmd = [sys.executable]
-    if nproc > 1:
-        cmd += ["-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port", str(_free_port())]
-    else:
-        cmd += ["-u"]
+    cmd = TORCHRUN + ["--nproc-per-node", str(nproc)] if nproc > 1 else [sys.executable, "-u"]
     cmd += ["-m", "elas_megatron.cli.train", str(REPO / "configs/demo.yaml"), *TINY, *DATA,
             f"train.run_dir={run_dir}", f"data.cache_dir={run_dir.parent / 'data_cache'}", *overrides]
     if resume:
         cmd.append("--resume")
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    env.pop(FAULTS_ENV, None)
-    if faults:
-        env[FAULTS_ENV] = faults
-    # Output goes to files, not pipes: helper processes of killed ranks would keep pipes open until killed.
+    env = {FAULTS_ENV: faults} if faults else {}
     log = run_dir.parent / f"{run_dir.name}.launch{len(list(run_dir.parent.glob(run_dir.name + '.launch*')))}"
+    return run(cmd, log, timeout_s, env)
+
+
+def run(cmd: list[str], log: Path, timeout_s: int, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run ``cmd`` (output to ``log``.out/.err), wait, then kill whatever it left behind (see :func:`launch`)."""
+    marker = f"{os.getpid()}-{uuid.uuid4().hex}"
+    full_env = dict(os.environ, OMP_NUM_THREADS="1", ELAS_TEST_LAUNCH=marker)
+    full_env.pop(FAULTS_ENV, None)
+    full_env.update(env or {})
+    # Output goes to files, not pipes: helper processes of killed ranks would keep pipes open until killed.
     with open(f"{log}.out", "w") as out_f, open(f"{log}.err", "w") as err_f:
-        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out_f, stderr=err_f, start_new_session=True)
+        proc = subprocess.Popen(cmd, cwd=REPO, env=full_env, stdout=out_f, stderr=err_f)
         try:
             proc.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
             raise AssertionError(f"{' '.join(cmd)} did not finish in {timeout_s} s; see {log}.err") from None
         finally:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+            _kill_marked(marker)
             proc.wait()
-    out, err = Path(f"{log}.out").read_text(), Path(f"{log}.err").read_text()
-    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+    return subprocess.CompletedProcess(cmd, proc.returncode, Path(f"{log}.out").read_text(),
+                                       Path(f"{log}.err").read_text())
+
+
+def _kill_marked(marker: str) -> None:
+    """SIGKILL every process whose environment has ``ELAS_TEST_LAUNCH=marker`` (Linux /proc)."""
+    needle = f"ELAS_TEST_LAUNCH={marker}".encode()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            if needle in (entry / "environ").read_bytes().split(b"\0"):
+                os.kill(int(entry.name), signal.SIGKILL)
+        except (OSError, ProcessLookupError):  # gone meanwhile, or not ours to read
+            pass
 
 
 def read_metrics(path: Path) -> list[dict]:

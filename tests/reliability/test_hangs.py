@@ -3,16 +3,11 @@ with a message naming it, during training (watchdog) and during distributed init
 says only "Timed out waiting 3000ms for recv operation" or lists store keys."""
 from __future__ import annotations
 
-import contextlib
-import os
-import signal
-import subprocess
-import sys
 import threading
 import time
 
 import pytest
-from reliability_runs import REPO, _free_port, launch
+from reliability_runs import TORCHRUN, launch, run
 
 from elas_megatron.training.guards import EXIT_HANG, Progress, Watchdog, diagnose_hang
 
@@ -51,17 +46,8 @@ except RuntimeError as exc:
 def test_initialisation_timeout_names_the_rank_that_never_joined(tmp_path):
     script = tmp_path / "init.py"
     script.write_text(INIT_SCRIPT)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port()),
-           str(script)]
-    with open(tmp_path / "err", "w") as err_f:
-        proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=err_f, start_new_session=True)
-        try:
-            proc.wait(timeout=90)
-        finally:
-            with contextlib.suppress(ProcessLookupError):  # the sleeping rank, if torchrun left it
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    err = (tmp_path / "err").read_text()
+    cmd = TORCHRUN + ["--nproc-per-node", "2", str(script)]
+    err = run(cmd, tmp_path / "init", timeout_s=90).stderr
     assert ("rank 0: distributed initialisation failed on global rank 0 of 2 after waiting up to "
             "parallel.distributed_timeout_s=3: rank(s) [1] never joined") in err, err[-3000:]
 

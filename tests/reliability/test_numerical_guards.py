@@ -3,19 +3,14 @@
 rank and layer; the loss-spike guard; the ELAS activation-density check."""
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import json
 import logging
-import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from reliability_runs import _free_port, launch, read_metrics
+from reliability_runs import TORCHRUN, launch, read_metrics, run
 
 from elas_megatron.training.guards import NumericalError, NumericGuard, check_density
 
@@ -160,18 +155,9 @@ def test_hook_mode_sees_gradients_that_are_gone_by_the_check():
 @pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed is not installed")
 def test_a_skipped_step_leaves_every_optimizer_backend_clean(tmp_path):
     out = tmp_path / "losses.json"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port()),
-           str(Path(__file__).parent / "skip_backends.py"), str(out)]
-    with open(tmp_path / "err", "w") as err:
-        proc = subprocess.Popen(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=err, stderr=err,
-                                start_new_session=True)
-        try:
-            proc.wait(timeout=300)
-        finally:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    assert proc.returncode == 0, (tmp_path / "err").read_text()[-4000:]
+    cmd = TORCHRUN + ["--nproc-per-node", "2", str(Path(__file__).parent / "skip_backends.py"), str(out)]
+    result = run(cmd, tmp_path / "skip", timeout_s=300)
+    assert result.returncode == 0, result.stderr[-4000:]
     losses = json.loads(out.read_text())
     want = losses.pop("megatron")
     assert all(torch.isfinite(torch.tensor(want))) and want[3] != want[2]
