@@ -255,6 +255,27 @@ def _bad_line(examples: list[str], policy: BadLinePolicy, where: str, problem: s
         examples.append(f"{where}: {problem}")
 
 
+def _add_text(result: BlockResult, text: object, *, where: str, text_key: str, bad_lines: BadLinePolicy, fix: str,
+              record: dict | None = None) -> None:
+    """The tail every reader shares: a non-string text is a bad line, an empty one is counted, the rest is kept.
+
+    ``record``: the JSON object the text came from, so that a missing ``text_key`` is reported as such.
+    """
+    if not isinstance(text, str):
+        result.skipped += 1
+        if record is not None and text_key not in record:
+            problem = f"no {text_key!r} field (keys: {sorted(record)[:6]})"
+        else:
+            problem = f"{text_key!r} is {type(text).__name__}, not a string"
+        _bad_line(result.skip_examples, bad_lines, where, problem, fix)
+        return
+    if not text:
+        result.empty += 1
+        return
+    result.texts.append(text)
+    result.text_bytes += len(text.encode("utf-8"))
+
+
 def parse_block(block: Block, *, text_key: str = "text", bad_lines: BadLinePolicy = "stop") -> BlockResult:
     """Extract the document texts of a block.
 
@@ -270,16 +291,8 @@ def parse_block(block: Block, *, text_key: str = "text", bad_lines: BadLinePolic
     if block.texts is not None:  # hf rows: the column exists; values may still be null
         for i, text in enumerate(block.texts):
             result.lines += 1
-            if not isinstance(text, str):
-                result.skipped += 1
-                _bad_line(result.skip_examples, bad_lines, f"{path}: row {block.first_line + i}",
-                          f"{text_key!r} is {type(text).__name__}, not a string", "fix or filter the dataset")
-                continue
-            if not text:
-                result.empty += 1
-                continue
-            result.texts.append(text)
-            result.text_bytes += len(text.encode("utf-8"))
+            _add_text(result, text, where=f"{path}: row {block.first_line + i}", text_key=text_key,
+                      bad_lines=bad_lines, fix="fix or filter the dataset")
         return result
     assert block.data is not None
     for i, line in enumerate(block.data.split(b"\n")):
@@ -300,19 +313,8 @@ def parse_block(block: Block, *, text_key: str = "text", bad_lines: BadLinePolic
             _bad_line(result.skip_examples, bad_lines, where, f"a JSON {type(record).__name__}, not an object",
                       "every line must be one JSON object such as {\"text\": \"...\"}")
             continue
-        text = record.get(text_key)
-        if not isinstance(text, str):
-            result.skipped += 1
-            problem = (f"no {text_key!r} field (keys: {sorted(record)[:6]})" if text_key not in record
-                       else f"{text_key!r} is {type(text).__name__}, not a string")
-            _bad_line(result.skip_examples, bad_lines, where, problem,
-                      "pass --text-key if the text lives under another key")
-            continue
-        if not text:
-            result.empty += 1
-            continue
-        result.texts.append(text)
-        result.text_bytes += len(text.encode("utf-8"))
+        _add_text(result, record.get(text_key), where=where, text_key=text_key, bad_lines=bad_lines,
+                  fix="pass --text-key if the text lives under another key", record=record)
     return result
 
 
