@@ -34,6 +34,7 @@ __all__ = [
     "PAPER_VOCAB_SIZE",
     "count_parameters",
     "flops_per_token",
+    "layer_matrix_parameters",
     "paper_model_config",
     "parameter_table",
 ]
@@ -60,27 +61,38 @@ def paper_model_config(size: str, variant: str) -> ModelConfig:
     return ModelConfig(variant=variant, vocab_size=PAPER_VOCAB_SIZE, **PAPER_SHAPES[size])
 
 
-def _block_parts(m: ModelConfig) -> dict[str, int]:
-    """Parameters of one block's attention and FFN, and the part of the FFN that is A_down."""
-    h, f = m.hidden_size, m.ffn_hidden_size
+def layer_matrix_parameters(model_cfg: ModelConfig, tp: int = 1) -> dict[str, int]:
+    """Matrix parameters of one transformer layer on one tensor-parallel rank (``tp=1``: the whole layer).
+
+    Tensor parallelism shards a full-rank column-parallel linear (q|k|v, the FFN's gate/up) along its outputs and
+    a row-parallel one (o, the FFN's down) along its inputs. A low-rank ``sigma(x A) B`` column layer keeps
+    ``A [in, r]`` whole (replicated) and shards ``B [r, out / tp]``; a row layer shards ``A [in / tp, r]`` and
+    keeps ``B [r, out]`` whole. Norms are not included (``2 * hidden_size`` per layer, never sharded).
+
+    Returns:
+        ``attention`` (q, k, v, o), ``ffn`` (dense: SwiGLU gate, up, down; cola: the factors of those three;
+        elas: the factors of up and down, no gate) and ``a_down`` (elas: the ``A`` factor of the down projection,
+        which multiplies the 2:4-sparse activation; 0 for dense/cola).
+    """
+    m = model_cfg
+    h, f, r = m.hidden_size, m.ffn_hidden_size, m.rank
     head_dim = h // m.num_heads
     q, kv = m.num_heads * head_dim, m.kv_heads * head_dim
-    lowrank = m.variant in ("cola", "elas")
-    if lowrank and m.lowrank_attention:
+    if m.variant in ("cola", "elas") and m.lowrank_attention:
         ra = m.attn_rank
-        attention = ra * (h + q) + 2 * ra * (h + kv) + ra * (q + h)        # q, k, v, o: A [in, r] + B [r, out]
+        # column q|k|v: A_q, A_k, A_v [h, ra], B [ra, out / tp]; row o: A [q / tp, ra], B [ra, h]
+        attention = 3 * h * ra + ra * (q + 2 * kv) // tp + (q // tp) * ra + ra * h
     else:
-        attention = h * (q + 2 * kv) + q * h
+        attention = (h * (q + 2 * kv) + q * h) // tp
     if m.variant == "dense":
-        ffn = 3 * h * f                                                     # SwiGLU gate, up, down
+        ffn = 3 * h * f // tp                                               # SwiGLU gate, up, down
     elif m.variant == "cola":
-        ffn = 3 * m.rank * (h + f)
+        ffn = 2 * h * r + 2 * r * f // tp + (f // tp) * r + r * h          # gate/up column pair, down row
     elif m.variant == "elas":
-        ffn = 2 * m.rank * (h + f)                                          # up, down (no gate)
+        ffn = h * r + r * f // tp + (f // tp) * r + r * h                  # up column, down row (no gate)
     else:
         raise ValueError(f"model.variant={m.variant!r} is unknown; choose dense, cola or elas")
-    return {"attention": attention, "ffn": ffn, "norms": 2 * h,
-            "a_down": f * m.rank if m.variant == "elas" else 0}
+    return {"attention": attention, "ffn": ffn, "a_down": (f // tp) * r if m.variant == "elas" else 0}
 
 
 def count_parameters(model_cfg: ModelConfig, vocab_size: int) -> dict[str, int]:
@@ -92,21 +104,22 @@ def count_parameters(model_cfg: ModelConfig, vocab_size: int) -> dict[str, int]:
         ``non_embedding`` (= total minus embedding and output layer), ``total``.
     """
     m = model_cfg
-    parts = _block_parts(m)
-    block = parts["attention"] + parts["ffn"] + parts["norms"]
+    parts = layer_matrix_parameters(m)
+    norms = 2 * m.hidden_size
+    block = parts["attention"] + parts["ffn"] + norms
     embedding = output_layer = vocab_size * m.hidden_size
     blocks = m.num_layers * block
     final_norm = m.hidden_size
     total = embedding + output_layer + blocks + final_norm
     return {"embedding": embedding, "output_layer": output_layer, "attention_per_block": parts["attention"],
-            "ffn_per_block": parts["ffn"], "norms_per_block": parts["norms"], "block": block, "blocks": blocks,
+            "ffn_per_block": parts["ffn"], "norms_per_block": norms, "block": block, "blocks": blocks,
             "final_norm": final_norm, "non_embedding": blocks + final_norm, "total": total}
 
 
 def flops_per_token(model_cfg: ModelConfig, vocab_size: int, seq_len: int, *, sparse_as_dense: bool = True) -> float:
     """Training FLOPs per token (forward + backward) of one sequence of ``seq_len`` tokens; see module docstring."""
     m = model_cfg
-    parts = _block_parts(m)
+    parts = layer_matrix_parameters(m)
     matmul_params = m.num_layers * (parts["attention"] + parts["ffn"]) + vocab_size * m.hidden_size
     flops = 6.0 * matmul_params
     flops += 12.0 * m.num_layers * (m.num_heads * (m.hidden_size // m.num_heads)) * seq_len

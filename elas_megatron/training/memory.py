@@ -10,7 +10,8 @@ docs/launch.md ("Memory estimate") states every formula used here; this module i
   with the distributed optimizer (``parallel.zero_stage >= 1``). fp32 training: ``4 + 4 + 8`` (no master copy).
   DeepSpeed ZeRO stage 1/2/3 partitions the optimizer states / + gradients / + weights over ``d``.
 * **Parameters per GPU**: tensor parallelism shards full-rank weights, the vocabulary and the ``B`` of column-style
-  / ``A`` of row-style low-rank layers; replicated factors and norms stay whole. Pipeline stages hold their layers;
+  / ``A`` of row-style low-rank layers; replicated factors and norms stay whole (per layer:
+  :func:`elas_megatron.models.flops.layer_matrix_parameters`). Pipeline stages hold their layers;
   the first also the embedding, the last the output layer and final norm.
 * **Activations** of one micro-batch, per layer and token: the tensors autograd keeps for the backward on the GPU
   path (flash/SDPA attention, fused SwiGLU, fused ELAS kernel that saves the 2:4-compressed activation), listed by
@@ -25,6 +26,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from elas_megatron.config.schema import Config, ModelConfig
+from elas_megatron.models.flops import layer_matrix_parameters
 
 __all__ = [
     "GIB",
@@ -77,33 +79,12 @@ def stage_layers(cfg: Config) -> list[int]:
     return out
 
 
-def _layer_params_per_gpu(m: ModelConfig, tp: int) -> int:
-    """One transformer layer's parameters on one TP rank."""
-    h, f = m.hidden_size, m.ffn_hidden_size
-    hd = h // m.num_heads
-    hq, hkv = m.num_heads * hd, m.kv_heads * hd
-    lowrank = m.variant in ("cola", "elas")
-    if lowrank and m.lowrank_attention:
-        ra = m.attn_rank
-        # column qkv: A_q, A_k, A_v [h, ra] replicated, B [ra, out / tp]; row o: A [hq / tp, ra], B [ra, h] replicated
-        attention = 3 * h * ra + ra * (hq + 2 * hkv) // tp + (hq // tp) * ra + ra * h
-    else:
-        attention = (h * (hq + 2 * hkv) + hq * h) // tp
-    r = m.rank
-    if m.variant == "dense":
-        ffn = 3 * h * f // tp
-    elif m.variant == "cola":
-        ffn = 2 * h * r + 2 * r * f // tp + (f // tp) * r + r * h      # gate/up column pair, down row
-    else:
-        ffn = h * r + r * f // tp + (f // tp) * r + r * h              # up column, down row
-    return attention + ffn + 2 * h
-
-
 def parameters_per_gpu(cfg: Config, vocab_size: int) -> list[int]:
     """Parameters held by one GPU of each pipeline stage (the TP shard of that stage's modules)."""
     m, tp = cfg.model, cfg.parallel.tp
     layers = stage_layers(cfg)
-    per_layer = _layer_params_per_gpu(m, tp)
+    matrices = layer_matrix_parameters(m, tp)
+    per_layer = matrices["attention"] + matrices["ffn"] + 2 * m.hidden_size        # + the two RMSNorm gains
     out = []
     for s, n in enumerate(layers):
         params = n * per_layer

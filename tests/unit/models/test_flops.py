@@ -4,7 +4,14 @@ from __future__ import annotations
 import pytest
 from conftest import VOCAB, tiny_config
 
-from elas_megatron.models.flops import PAPER_SHAPES, count_parameters, flops_per_token, paper_model_config
+from elas_megatron.config.schema import ModelConfig
+from elas_megatron.models.flops import (
+    PAPER_SHAPES,
+    count_parameters,
+    flops_per_token,
+    layer_matrix_parameters,
+    paper_model_config,
+)
 from elas_megatron.models.gpt import build_model
 
 
@@ -47,3 +54,20 @@ def test_flops_formula():
     saved = flops_per_token(elas, 32000, 256) - flops_per_token(elas, 32000, 256, sparse_as_dense=False)
     assert saved == 2 * elas.num_layers * elas.ffn_hidden_size * elas.rank
     assert flops_per_token(elas, 32000, 256) < flops_per_token(paper_model_config("60M", "cola"), 32000, 256)
+
+
+def test_layer_matrix_parameters_per_tp_rank_by_hand():
+    h, f, r, ra, tp = 512, 1376, 128, 64, 4
+    q, kv = h, 2 * (h // 8)                                      # 8 heads, 2 key/value heads
+    cola = ModelConfig(variant="cola", hidden_size=h, num_heads=8, num_kv_heads=2, ffn_hidden_size=f, rank=r,
+                       attention_rank=ra)
+    c = count_parameters(cola, 32000)
+    assert layer_matrix_parameters(cola) == {"attention": c["attention_per_block"], "ffn": c["ffn_per_block"],
+                                             "a_down": 0}
+    # column q|k|v: A [h, ra] x3 whole, B [ra, out / tp]; row o: A [q / tp, ra], B [ra, h] whole
+    attention = 3 * h * ra + ra * (q + 2 * kv) // tp + q // tp * ra + ra * h
+    ffn = 2 * h * r + 2 * r * f // tp + f // tp * r + r * h      # gate, up: A whole, B sharded; down: A sharded
+    assert layer_matrix_parameters(cola, tp) == {"attention": attention, "ffn": ffn, "a_down": 0}
+    elas = ModelConfig(variant="elas", hidden_size=h, num_heads=8, ffn_hidden_size=f, rank=r, lowrank_attention=False)
+    assert layer_matrix_parameters(elas, tp) == {"attention": 4 * h * h // tp, "ffn": h * r + 2 * r * f // tp + r * h,
+                                                 "a_down": f // tp * r}
