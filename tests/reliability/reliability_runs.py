@@ -47,7 +47,9 @@ def launch(run_dir: Path, *overrides: str, nproc: int = 2, faults: str | None = 
 def run(cmd: list[str], log: Path, timeout_s: int, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run ``cmd`` (output to ``log``.out/.err), wait, then kill whatever it left behind (see :func:`launch`)."""
     marker = f"{os.getpid()}-{uuid.uuid4().hex}"
-    full_env = dict(os.environ, OMP_NUM_THREADS="1", ELAS_TEST_LAUNCH=marker)
+    # PYTHONPATH: scripts outside the repository root import this checkout's elas_megatron, installed or not
+    python_path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
+    full_env = dict(os.environ, OMP_NUM_THREADS="1", ELAS_TEST_LAUNCH=marker, PYTHONPATH=python_path)
     full_env.pop(FAULTS_ENV, None)
     full_env.update(env or {})
     # Output goes to files, not pipes: helper processes of killed ranks would keep pipes open until killed.
