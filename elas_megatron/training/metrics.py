@@ -3,6 +3,10 @@
 Keys are flat and stable because scripts and plots read them: ``step``, ``loss``, ``lr``, ``grad_norm``,
 ``tokens_per_s``, ``step_time_s``, ``tokens`` (consumed so far), and on CUDA ``mfu`` and ``mem_peak_gib``;
 evaluation records carry ``val_loss`` and ``val_ppl``. Only the logging rank writes.
+
+The file is appended to across restarts. A resumed run first writes ``{"event": "resume", "step": S, "checkpoint":
+"step_..."}`` (:meth:`MetricsLogger.log_resume`); records written before it for steps after S are superseded (the
+interrupted run trained them, then the state went back to S). :func:`read_metrics` reads the file that way.
 """
 from __future__ import annotations
 
@@ -18,6 +22,29 @@ logger = logging.getLogger(__name__)
 # Dense bf16 tensor-core peak per GPU (datasheet, no sparsity): MFU is reported against these.
 _PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "GH200": 989e12, "B200": 2250e12}
 
+RESUME_EVENT = "resume"
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    """The records of ``metrics.jsonl`` that describe the run as it finally went: a resume event (written when a
+    run resumed from the checkpoint of step S) drops every earlier record of a step after S. Resume events
+    themselves are not returned.
+
+    Args:
+        path: a ``metrics.jsonl`` file.
+
+    Returns:
+        Step and evaluation records in file order.
+    """
+    records: list[dict] = []
+    for line in Path(path).read_text().splitlines():
+        rec = json.loads(line)
+        if rec.get("event") == RESUME_EVENT:
+            records = [r for r in records if r["step"] <= rec["step"]]
+        else:
+            records.append(rec)
+    return records
+
 
 def peak_flops(device: torch.device) -> float | None:
     """Peak dense bf16 FLOP/s of ``device`` (None on CPU or an unknown GPU: MFU is then not reported)."""
@@ -31,6 +58,8 @@ def peak_flops(device: torch.device) -> float | None:
 
 
 class MetricsLogger:
+    """Writes step, evaluation and resume records to ``{run_dir}/metrics.jsonl`` (logging rank only)."""
+
     def __init__(self, run_dir: str | Path, *, enabled: bool, flops_per_token: float | None,
                  device: torch.device, num_gpus: int) -> None:
         self.enabled = enabled
@@ -70,6 +99,14 @@ class MetricsLogger:
             for key, value in (extra or {}).items():
                 parts.append(f"{key} {value:.3g}" if isinstance(value, float) else f"{key} {value}")
             logger.info(" | ".join(parts))
+        return rec
+
+    def log_resume(self, *, step: int, checkpoint: str) -> dict:
+        """Mark that the run resumed from ``checkpoint`` at ``step``: later records supersede earlier records of
+        steps after ``step`` (see :func:`read_metrics`)."""
+        rec = {"event": RESUME_EVENT, "step": step, "checkpoint": checkpoint}
+        if self.enabled:
+            self._write(rec)
         return rec
 
     def log_eval(self, *, step: int, val_loss: float) -> dict:

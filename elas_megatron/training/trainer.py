@@ -14,7 +14,6 @@ their failures collective (:mod:`elas_megatron.training.checkpoint`). ``train()`
 """
 from __future__ import annotations
 
-import json
 import logging
 import time
 from contextlib import nullcontext
@@ -430,9 +429,5 @@ class Trainer:
             logger.info("--resume: no checkpoint in %s yet, starting from step 0", self.ckpt.dir)
             return False
         self.load(path)
-        if self.metrics.enabled:
-            # metrics.jsonl is appended to: records after this line supersede those of steps > self.step
-            # (written by the interrupted run); see docs/reliability.md
-            with self.metrics.path.open("a") as f:
-                f.write(json.dumps({"event": "resume", "step": self.step, "checkpoint": path.name}) + "\n")
+        self.metrics.log_resume(step=self.step, checkpoint=path.name)
         return True

@@ -1,9 +1,8 @@
 """Helpers of the reliability tests: launch elas-train (1 process, or 2 under torchrun) on the shipped demo corpus
-with tiny shapes and test faults, read metrics.jsonl the way docs/reliability.md defines, and a tiny in-memory
-dataset for in-process trainers."""
+with tiny shapes and test faults, per-step losses from metrics.jsonl (read as docs/reliability.md defines, by
+:func:`elas_megatron.training.metrics.read_metrics`), and a tiny in-memory dataset for in-process trainers."""
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -12,6 +11,8 @@ import uuid
 from pathlib import Path
 
 import numpy as np
+
+from elas_megatron.training.metrics import read_metrics
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = ["model.hidden_size=64", "model.num_layers=2", "model.num_heads=4", "model.ffn_hidden_size=128",
@@ -77,19 +78,6 @@ def _kill_marked(marker: str) -> None:
                 os.kill(int(entry.name), signal.SIGKILL)
         except (OSError, ProcessLookupError):  # gone meanwhile, or not ours to read
             pass
-
-
-def read_metrics(path: Path) -> list[dict]:
-    """metrics.jsonl as docs/reliability.md defines it: a ``{"event": "resume", "step": S}`` record (written when
-    a run resumes from the checkpoint of step S) supersedes every earlier record of a step after S."""
-    records: list[dict] = []
-    for line in Path(path).read_text().splitlines():
-        rec = json.loads(line)
-        if rec.get("event") == "resume":
-            records = [r for r in records if r["step"] <= rec["step"]]
-        else:
-            records.append(rec)
-    return records
 
 
 def step_losses(path: Path) -> dict[int, float]:

@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from reliability_runs import TORCHRUN, launch, read_metrics, run
+from reliability_runs import TORCHRUN, launch, run
 
 from elas_megatron.training.guards import NumericalError, NumericGuard, check_density
+from elas_megatron.training.metrics import read_metrics
 
 
 def _weights(trainer) -> list[torch.Tensor]:
