@@ -3,8 +3,14 @@
 Several YAML files merge left to right (e.g. ``configs/c4.yaml configs/model/1b.yaml configs/variant/elas.yaml``);
 ``section.key=value`` overrides come last. This is also what torchrun launches.
 
-Runs as-is under torchrun (it reads RANK/WORLD_SIZE/LOCAL_RANK). Bad configs end with a one-line error naming
-the key, the value and the fix, and exit code 2.
+Runs as-is under torchrun (it reads RANK/WORLD_SIZE/LOCAL_RANK). Exit codes, each failure printed as one line:
+
+* 0 -- trained to ``train.steps``, or stopped by SIGTERM/SIGUSR1 after saving a checkpoint (rerun with --resume);
+* 2 -- ``elas-train: config error: ...`` / ``elas-train: error: ...``: a bad config, layout, data path or
+  checkpoint (docs/reliability.md says what to do for each);
+* 3 -- ``elas-train: numerical error: ...``: NaN/Inf or a loss spike beyond ``train.max_skipped_steps``, naming the
+  step, rank(s) and layer; resume from the last checkpoint with a lower ``optim.lr`` or a larger skip budget;
+* 124 -- a rank made no progress for ``parallel.distributed_timeout_s`` (the line names the stuck rank(s)).
 """
 from __future__ import annotations
 
@@ -14,6 +20,9 @@ import os
 import sys
 
 logger = logging.getLogger("elas_megatron")
+
+EXIT_CONFIG = 2
+EXIT_NUMERICAL = 3
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,11 +52,12 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(configs, overrides, world_size=world)
     except ConfigError as exc:
         print(f"elas-train: config error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_CONFIG
     init_logging(cfg.log.level, rank=rank)
 
     from elas_megatron.parallel.setup import destroy_parallel
     from elas_megatron.training.checkpoint import CheckpointError
+    from elas_megatron.training.guards import NumericalError
     from elas_megatron.training.trainer import Trainer
 
     try:
@@ -56,7 +66,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, CheckpointError, FileNotFoundError, ValueError) as exc:
         print(f"elas-train: error: {exc}", file=sys.stderr)
         destroy_parallel()
-        return 2
+        return EXIT_CONFIG
+    except NumericalError as exc:
+        print(f"elas-train: numerical error: {exc}", file=sys.stderr)
+        destroy_parallel()
+        return EXIT_NUMERICAL
     if trainer.info.is_logging_rank:
         import math
 

@@ -52,6 +52,19 @@ def test_without_budget_the_run_stops_naming_step_rank_and_layer(make_trainer):
         trainer.train_step()
 
 
+def test_elas_train_prints_one_line_and_exits_3(tmp_path, monkeypatch, capsys):
+    from reliability_runs import DATA, FAULTS_ENV, REPO, TINY
+
+    from elas_megatron.cli.train import EXIT_NUMERICAL, main
+
+    monkeypatch.setenv(FAULTS_ENV, "nan_grad@2:output_layer")
+    argv = [str(REPO / "configs/demo.yaml"), *TINY, *DATA, "train.steps=3", f"train.run_dir={tmp_path / 'run'}",
+            "checkpoint.save_final=false"]
+    assert main(argv) == EXIT_NUMERICAL == 3
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("elas-train:")]
+    assert len(err) == 1 and err[0].startswith("elas-train: numerical error: non-finite values at step 2 (loss "), err
+
+
 def test_the_skip_budget_survives_a_resume(make_trainer):
     trainer = make_trainer("train.max_skipped_steps=1", faults="nan_grad@2:output_layer")
     for _ in range(3):
@@ -125,11 +138,14 @@ def test_two_ranks_agree_skip_then_stop(tmp_path):
     at step 5 exceeds train.max_skipped_steps=1 and both stop naming step 5, rank 0 and the layer."""
     result = launch(tmp_path / "run", "train.steps=6", "train.max_skipped_steps=1", "checkpoint.save_final=false",
                     faults="nan_grad@3:rank=1:decoder.layers.1.mlp,nan_act@5:rank=0:decoder.layers.0.self_attention")
-    assert result.returncode != 0
+    assert result.returncode != 0 and "exitcode  : 3" in result.stderr, result.stderr[-3000:]
     for rank in (0, 1):
         assert f"[rank{rank}] WARNING elas_megatron.training.guards: non-finite values at step 3 " in result.stderr
-        assert (f"[rank{rank}]: elas_megatron.training.guards.NumericalError: non-finite values at step 5 (loss nan): "
-                "rank 0: first non-finite activation: output of decoder.layers.0.self_attention") in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("elas-train:")]
+    assert errors and all(line.startswith("elas-train: numerical error: non-finite values at step 5 (loss nan): "
+                                          "rank 0: first non-finite activation: output of "
+                                          "decoder.layers.0.self_attention") for line in errors), errors
+    assert "guards.NumericalError" not in result.stderr, result.stderr[-3000:]  # a line, not a traceback
     assert "rank 1: non-finite gradient in 1 of" in result.stderr
     steps = {r["step"]: r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "loss" in r}
     assert sorted(steps) == [1, 2, 3, 4]
