@@ -23,6 +23,11 @@ rank's files) makes every rank raise the same :class:`CheckpointError`, which na
 the temporary directory is removed and the previous checkpoints stay as they were. The directory is also
 probed once at start-up (:meth:`CheckpointManager.check_writable`), and before each save the free space is
 compared with the size of the previous checkpoint.
+
+RNG states: :func:`get_rng_state` collects this process's Python, NumPy, torch CPU and CUDA generators and
+megatron's CUDA RNG tracker streams; :func:`rng_sharded_object` files them under one ``rng_state`` object sharded
+over (pp, tp, dp) ranks, one shard per rank (every rank its own main replica), so each rank writes and reads its
+own. They are restored only into the same (pp, tp, dp) layout.
 """
 from __future__ import annotations
 
@@ -30,10 +35,13 @@ import errno
 import json
 import logging
 import os
+import random
 import shutil
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
+import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.api import CheckpointException
 
@@ -86,6 +94,50 @@ def _oneline(exc: BaseException) -> str:
         return f"failed on rank(s) {sorted(exc.failures)}, e.g. rank {rank}: {type(first).__name__}: {first}"
     text = str(exc).strip()
     return f"{type(exc).__name__}: {text.splitlines()[-1] if text else ''}"
+
+
+# ------------------------------------------------------------------------------------------------ RNG states
+RNG_KEY = "rng_state"
+
+
+def get_rng_state() -> dict:
+    """This process's random generators: Python ``random``, NumPy's global one, torch CPU, torch CUDA (when
+    CUDA is available) and megatron-core's CUDA RNG tracker streams (on CPU the tracker's stand-in generators,
+    see :mod:`elas_megatron.compat.cpu`). Copies, so later draws do not change the returned state."""
+    from megatron.core import tensor_parallel
+
+    tracker = tensor_parallel.get_cuda_rng_tracker().get_states()
+    return {"random": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+            "tracker": {name: state.clone() for name, state in tracker.items()},
+            "device": "cuda" if torch.cuda.is_available() else "cpu"}
+
+
+def set_rng_state(state: dict) -> bool:
+    """Restore what :func:`get_rng_state` returned. The CUDA generator and the tracker streams are restored only
+    when the state was saved on the same kind of device (their formats differ between CPU and CUDA); returns
+    whether they were."""
+    from megatron.core import tensor_parallel
+
+    random.setstate(state["random"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state["device"] != ("cuda" if torch.cuda.is_available() else "cpu"):
+        return False
+    if state["cuda"] is not None:
+        torch.cuda.set_rng_state(state["cuda"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(dict(state["tracker"]))
+    return True
+
+
+def rng_sharded_object(state: dict | None, *, pp_rank: int, pp_size: int, tp_rank: int, tp_size: int,
+                       dp_rank: int, dp_size: int):
+    """``state`` as a ``ShardedObject`` with one shard per (pp, tp, dp) rank, each rank its own main replica, so
+    that every rank writes (and reads back) its own generators. A checkpoint of another layout has other shards:
+    load it only into the same layout (``state`` may be None when loading)."""
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    return ShardedObject(RNG_KEY, state, (pp_size, tp_size, dp_size), (pp_rank, tp_rank, dp_rank), replica_id=0)
 
 
 class CheckpointManager:

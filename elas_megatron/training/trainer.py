@@ -9,8 +9,8 @@ etc.). A single-process CPU run is simply the layout TP=PP=DP=1.
 Reliability (docs/reliability.md): every step passes :class:`~elas_megatron.training.guards.NumericGuard` before
 the optimizer runs (rank-agreed NaN/Inf and loss-spike detection, bounded skipping); multi-process training runs
 under a :class:`~elas_megatron.training.guards.Watchdog` that names stuck ranks; checkpoints are atomic and
-their failures collective (:mod:`elas_megatron.training.checkpoint`). ``train()`` decides to stop in one place,
-:meth:`Trainer.should_stop`.
+their failures collective (:mod:`elas_megatron.training.checkpoint`), and hold every rank's RNG states.
+``train()`` decides to stop in one place, :meth:`Trainer.should_stop`.
 """
 from __future__ import annotations
 
@@ -28,7 +28,8 @@ from elas_megatron.config.schema import Config, validate
 from elas_megatron.data.loader import StepBatches
 from elas_megatron.parallel.setup import ParallelInfo, initialize_parallel
 from elas_megatron.parallel.zero import check_deepspeed_config
-from elas_megatron.training.checkpoint import CheckpointError, CheckpointManager
+from elas_megatron.training.checkpoint import (RNG_KEY, CheckpointError, CheckpointManager, get_rng_state,
+                                                rng_sharded_object, set_rng_state)
 from elas_megatron.training.guards import NumericGuard, Progress, TestFaults, Watchdog, check_density
 from elas_megatron.training.metrics import MetricsLogger
 from elas_megatron.training.optim import build_optimizer_backend, build_scheduler
@@ -350,7 +351,7 @@ class Trainer:
 
         return unwrap_model(self.model)
 
-    def _sharded_state_dict(self, is_loading: bool = False) -> dict:
+    def _sharded_state_dict(self, is_loading: bool = False, rng: bool = True) -> dict:
         sd: dict = {}
         models = self._unwrapped()
         if len(models) == 1:
@@ -365,6 +366,11 @@ class Trainer:
             sd["optimizer"] = optimizer_sd
         sd["scheduler"] = self.scheduler.state_dict()
         sd["step"] = self.step
+        if rng:  # this rank's generators, one shard per (pp, tp, dp) rank
+            i = self.info
+            sd[RNG_KEY] = rng_sharded_object(None if is_loading else get_rng_state(), pp_rank=i.pp_rank,
+                                             pp_size=i.pp_size, tp_rank=i.tp_rank, tp_size=i.tp_size,
+                                             dp_rank=i.dp_rank, dp_size=i.dp_size)
         return sd
 
     def _layout(self) -> dict:
@@ -375,7 +381,7 @@ class Trainer:
     def save(self) -> Path:
         meta = {"config": config_to_dict(self.cfg), "vocab_size": self.vocab_size,
                 "consumed_samples": self.step * self.cfg.train.global_batch, "layout": self._layout(),
-                "guard": self.guard.state_dict()}
+                "guard": self.guard.state_dict(), "rng_state": True}
         write_local = getattr(self.backend, "save_optimizer", None)
         self.progress.update(self.step, "checkpoint save", watched=False)  # large saves may take long
         path = self.ckpt.save(self.step, self._sharded_state_dict(), meta, write_local=write_local)
@@ -404,10 +410,25 @@ class Trainer:
                     f"{ {k: saved.get(k) for k in keys} }, which cannot be resharded to { {k: now[k] for k in keys} }; "
                     "resume with the saved layout (the megatron backend's checkpoints reshard across TP/PP/DP)")
 
+    def _rng_restorable(self, path: Path, meta: dict) -> bool:
+        """Whether ``path`` holds RNG states for this layout; if not, rank 0 says so once."""
+        saved, now = meta.get("layout", {}), self._layout()
+        reason = None
+        if not meta.get("rng_state"):
+            reason = "it holds none (saved by an older version)"
+        elif any(saved.get(k) != now[k] for k in ("pp", "tp", "dp")):
+            reason = (f"the layout changed (saved with pp={saved.get('pp')} tp={saved.get('tp')} dp={saved.get('dp')}, "
+                      f"this run has pp={now['pp']} tp={now['tp']} dp={now['dp']})")
+        if reason is not None and self.info.global_rank == 0:
+            logger.warning("RNG states were not restored from %s: %s; random draws (e.g. dropout) continue from "
+                           "this run's seeds", path.name, reason)
+        return reason is None
+
     def load(self, path: Path) -> None:
         meta = CheckpointManager.read_meta(path)
         self._check_compatible(path, meta)
-        loaded = CheckpointManager.load(path, self._sharded_state_dict(is_loading=True))
+        restore_rng = self._rng_restorable(path, meta)
+        loaded = CheckpointManager.load(path, self._sharded_state_dict(is_loading=True, rng=restore_rng))
         models = self._unwrapped()
         if len(models) == 1:
             models[0].load_state_dict(loaded["model"])
@@ -421,6 +442,9 @@ class Trainer:
         self.scheduler.load_state_dict(loaded["scheduler"])
         self.step = int(loaded["step"])
         self.guard.load_state_dict(meta.get("guard", {}))
+        if restore_rng and not set_rng_state(loaded[RNG_KEY]) and self.info.global_rank == 0:
+            logger.warning("CUDA RNG states of %s not restored: saved on %s, this run is on %s", path.name,
+                           loaded[RNG_KEY]["device"], self.device.type)
         logger.info("resumed from %s at step %d", path, self.step)
 
     def load_latest(self) -> bool:

@@ -28,16 +28,18 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
 
 
 def launch(run_dir: Path, *overrides: str, nproc: int = 2, faults: str | None = None, resume: bool = False,
-           timeout_s: int = 240) -> subprocess.CompletedProcess:
+           timeout_s: int = 240, script: Path | None = None) -> subprocess.CompletedProcess:
     """Run ``elas-train configs/demo.yaml`` (under torchrun when ``nproc > 1``) and wait for it.
 
-    Whatever of the job is left afterwards -- a killed rank leaves dist_checkpointing's helper processes behind,
-    in the rank's own session -- is found by a marker in its environment and killed by pid (only processes this
-    call started).
+    ``script``: a file to run instead of ``-m elas_megatron.cli.train`` that takes the same arguments (e.g.
+    ``dropout_train.py``). Whatever of the job is left afterwards -- a killed rank leaves dist_checkpointing's helper
+    processes behind, in the rank's own session -- is found by a marker in its environment and killed by pid (only
+    processes this call started).
     """
     cmd = TORCHRUN + ["--nproc-per-node", str(nproc)] if nproc > 1 else [sys.executable, "-u"]
-    cmd += ["-m", "elas_megatron.cli.train", str(REPO / "configs/demo.yaml"), *TINY, *DATA,
-            f"train.run_dir={run_dir}", f"data.cache_dir={run_dir.parent / 'data_cache'}", *overrides]
+    cmd += ["-m", "elas_megatron.cli.train"] if script is None else [str(script)]
+    cmd += [str(REPO / "configs/demo.yaml"), *TINY, *DATA, f"train.run_dir={run_dir}",
+            f"data.cache_dir={run_dir.parent / 'data_cache'}", *overrides]
     if resume:
         cmd.append("--resume")
     env = {FAULTS_ENV: faults} if faults else {}
