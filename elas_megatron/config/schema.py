@@ -253,6 +253,11 @@ class CheckpointConfig:
     dir: str | None = None
     """None = {train.run_dir}/checkpoints."""
     save_final: bool = True
+    async_save: bool = False
+    """Write checkpoint files in background processes while training goes on (megatron dist_checkpointing's
+    async save, from a snapshot taken when the save starts); the checkpoint becomes `latest` only once every rank
+    has finished writing it. The next save, the end of training and a preemption stop wait for it. Not with
+    parallel.optimizer=deepspeed."""
 
     def __post_init__(self) -> None:
         _check(self.every >= 0, "checkpoint.every", self.every, ">= 0")
@@ -318,6 +323,10 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
                               "schedules own; for replicated optimizer states use parallel.optimizer=megatron)")
         _check(p.pp == 1 or p.zero_stage <= 1, "parallel.zero_stage", p.zero_stage,
                "0 or 1 with pipeline parallelism (ZeRO-2/3 partition gradients, which the pipeline schedule owns)")
+        if cfg.checkpoint.async_save:
+            raise ConfigError("checkpoint.async_save=true is not supported with parallel.optimizer=deepspeed "
+                              "(DeepSpeed writes its ZeRO optimizer partitions itself, synchronously); set "
+                              "checkpoint.async_save=false or use parallel.optimizer=megatron")
     if world_size is not None:
         model_parallel = p.tp * p.pp
         if world_size % model_parallel != 0:

@@ -24,6 +24,15 @@ the temporary directory is removed and the previous checkpoints stay as they wer
 probed once at start-up (:meth:`CheckpointManager.check_writable`), and before each save the free space is
 compared with the size of the previous checkpoint.
 
+Asynchronous saves (``checkpoint.async_save``): ``dist_checkpointing.save(..., async_sharded_save=True)`` plans the
+save and serialises the small objects on every rank, then megatron's ``AsyncCallsQueue`` forks a writer process
+that writes this rank's shards from a snapshot taken when the save was scheduled (device tensors are copied to
+host memory first; on CPU the fork itself is the snapshot), and training goes on. :meth:`CheckpointManager.poll`,
+called once per step, asks every rank (one all-reduce) whether all writers are done; only then is the save
+finalised: megatron's metadata, and the publish above (``elas_meta.json``, fsync, rename, ``latest``, pruning).
+Write errors surface there as the same collective :class:`CheckpointError`. :meth:`CheckpointManager.wait` blocks
+until a pending save is published; the next save, the end of training and the preemption path call it.
+
 RNG states: :func:`get_rng_state` collects this process's Python, NumPy, torch CPU and CUDA generators and
 megatron's CUDA RNG tracker streams; :func:`rng_sharded_object` files them under one ``rng_state`` object sharded
 over (pp, tp, dp) ranks, one shard per rank (every rank its own main replica), so each rank writes and reads its
@@ -38,6 +47,7 @@ import os
 import random
 import shutil
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -140,6 +150,17 @@ def rng_sharded_object(state: dict | None, *, pp_rank: int, pp_size: int, tp_ran
     return ShardedObject(RNG_KEY, state, (pp_size, tp_size, dp_size), (pp_rank, tp_rank, dp_rank), replica_id=0)
 
 
+@dataclass
+class _PendingSave:
+    """An asynchronous save whose files are being written; published by :meth:`CheckpointManager.finalize`."""
+
+    step: int
+    tmp: Path
+    final: Path
+    meta: dict
+    what: str
+
+
 class CheckpointManager:
     """Step-numbered, atomically published checkpoints in one directory.
 
@@ -148,16 +169,26 @@ class CheckpointManager:
         keep_last: keep the newest K checkpoints (0 = all).
         global_rank: this process; rank 0 creates, publishes and prunes.
         fault: test-only hook ``fault(phase, step)`` (:class:`elas_megatron.training.guards.TestFaults`), called
-            at ``begin``, ``written`` (all files written, not yet published) and ``published`` (renamed into
-            place, ``latest`` not yet updated).
+            at ``begin``, ``scheduled`` (``async_save`` only: background writers started), ``written`` (all files
+            written, not yet published) and ``published`` (renamed into place, ``latest`` not yet updated).
+        async_save: write the files in background processes (``checkpoint.async_save``); :meth:`save` returns
+            once they are scheduled, :meth:`poll` / :meth:`wait` publish the checkpoint when every rank is done.
     """
 
     def __init__(self, directory: str | Path, *, keep_last: int, global_rank: int,
-                 fault: Callable[[str, int], None] | None = None) -> None:
+                 fault: Callable[[str, int], None] | None = None, async_save: bool = False) -> None:
         self.dir = Path(directory)
         self.keep_last = keep_last
         self.is_writer = global_rank == 0
         self.fault = fault
+        self.async_save = async_save
+        self._calls = None  # megatron's AsyncCallsQueue, created by the first asynchronous save
+        self._pending: _PendingSave | None = None
+
+    @property
+    def pending(self) -> Path | None:
+        """The step directory an asynchronous save is still writing (not yet published), else None."""
+        return self._pending.final if self._pending is not None else None
 
     @staticmethod
     def step_name(step: int) -> str:
@@ -222,14 +253,20 @@ class CheckpointManager:
         """Write ``sharded_state_dict`` for ``step`` atomically; all ranks must call it.
 
         ``write_local(directory)``, if given, runs on every rank after the sharded save and before the directory
-        is published, for state that lives per rank (DeepSpeed's ZeRO optimizer partitions).
+        is published, for state that lives per rank (DeepSpeed's ZeRO optimizer partitions). With ``async_save``
+        the sharded files are written in the background and the checkpoint is published later by :meth:`poll` or
+        :meth:`wait`; a save still pending from before is waited for first (one save at a time).
+
+        Returns:
+            The step directory (with ``async_save``: where it will be once published).
 
         Raises:
             CheckpointError: on every rank, if any rank failed; nothing is published and the previous
-                checkpoints are untouched.
+                checkpoints are untouched (with ``async_save``, also raised by :meth:`poll` / :meth:`wait`).
         """
         from megatron.core import dist_checkpointing
 
+        self.wait()
         final = self.dir / self.step_name(step)
         tmp = self.dir / f".{final.name}.tmp"
         what = (f"checkpoint {final.name} could not be written to {self.dir}; the previous checkpoints are intact. "
@@ -243,32 +280,86 @@ class CheckpointManager:
             except OSError as exc:
                 error = f"{type(exc).__name__}: {exc}"
         _agree(error, what)
-        error = None
+        error, request = None, None
         try:
-            dist_checkpointing.save(sharded_state_dict, str(tmp))
+            request = dist_checkpointing.save(sharded_state_dict, str(tmp), async_sharded_save=self.async_save)
             if write_local is not None:
                 write_local(tmp)
         except (Exception, CheckpointException) as exc:  # noqa: BLE001
             # every write failure must reach the other ranks instead of hanging them (CheckpointException, which
             # dist_checkpointing raises on every rank when one rank's files fail, is a BaseException)
             error = _oneline(exc)
-        if error is None and self.fault is not None:
-            self.fault("written", step)
+        pending = _PendingSave(step, tmp, final, dict(meta, step=step), what)
+        if not self.async_save:
+            self._finish(pending, error)
+            return final
         try:
-            _agree(error, what)
-            error = None
-            if self.is_writer:
-                try:
-                    self._publish(tmp, final, dict(meta, step=step))
-                except OSError as exc:
-                    error = f"{type(exc).__name__}: {exc}"
-            _agree(error, what)
+            _agree(error, what)  # planning failed somewhere: schedule nothing
         except CheckpointError:
             if self.is_writer:
                 shutil.rmtree(tmp, ignore_errors=True)
             raise
-        logger.info("saved checkpoint %s", final)
+        if self._calls is None:
+            from megatron.core.dist_checkpointing.strategies import async_utils
+
+            self._calls = async_utils.AsyncCallsQueue(persistent=False)  # a forked writer per save: a snapshot
+        self._calls.schedule_async_request(request)
+        self._pending = pending
+        if self.fault is not None:
+            self.fault("scheduled", step)
+        logger.info("checkpoint %s: writing in the background", final.name)
         return final
+
+    def poll(self) -> bool:
+        """Publish a pending asynchronous save if every rank has finished writing it; collective (one all-reduce
+        while a save is pending, nothing otherwise). Returns True when nothing is pending any more.
+
+        Raises:
+            CheckpointError: the pending save failed on some rank (on every rank).
+        """
+        return self.finalize(blocking=False)
+
+    def wait(self) -> None:
+        """Block until a pending asynchronous save is written and published; collective. No-op without one.
+
+        Raises:
+            CheckpointError: the pending save failed on some rank (on every rank).
+        """
+        self.finalize(blocking=True)
+
+    def finalize(self, blocking: bool) -> bool:
+        """:meth:`poll` (``blocking=False``) or :meth:`wait` (``blocking=True``)."""
+        if self._pending is None:
+            return True
+        error = None
+        try:
+            done = bool(self._calls.maybe_finalize_async_calls(blocking=blocking))
+        except (Exception, CheckpointException) as exc:  # noqa: BLE001  raised on every rank (see save)
+            error, done = _oneline(exc), True
+        if not done:
+            return False
+        pending, self._pending = self._pending, None
+        self._finish(pending, error)
+        return True
+
+    def _finish(self, pending: _PendingSave, error: str | None) -> None:
+        """Every rank has written (or failed): agree, then rank 0 publishes; collective."""
+        if error is None and self.fault is not None:
+            self.fault("written", pending.step)
+        try:
+            _agree(error, pending.what)
+            error = None
+            if self.is_writer:
+                try:
+                    self._publish(pending.tmp, pending.final, pending.meta)
+                except OSError as exc:
+                    error = f"{type(exc).__name__}: {exc}"
+            _agree(error, pending.what)
+        except CheckpointError:
+            if self.is_writer:
+                shutil.rmtree(pending.tmp, ignore_errors=True)
+            raise
+        logger.info("saved checkpoint %s", pending.final)
 
     def _publish(self, tmp: Path, final: Path, meta: dict) -> None:
         (tmp / META).write_text(json.dumps(meta, indent=1))

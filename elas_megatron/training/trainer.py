@@ -9,8 +9,9 @@ etc.). A single-process CPU run is simply the layout TP=PP=DP=1.
 Reliability (docs/reliability.md): every step passes :class:`~elas_megatron.training.guards.NumericGuard` before
 the optimizer runs (rank-agreed NaN/Inf and loss-spike detection, bounded skipping); multi-process training runs
 under a :class:`~elas_megatron.training.guards.Watchdog` that names stuck ranks; checkpoints are atomic and
-their failures collective (:mod:`elas_megatron.training.checkpoint`), and hold every rank's RNG states.
-``train()`` decides to stop in one place, :meth:`Trainer.should_stop`.
+their failures collective (:mod:`elas_megatron.training.checkpoint`), optionally written in the background
+(``checkpoint.async_save``), and hold every rank's RNG states. ``train()`` decides to stop in one place,
+:meth:`Trainer.should_stop`.
 """
 from __future__ import annotations
 
@@ -79,7 +80,8 @@ class Trainer:
         self.faults = TestFaults.from_env(self.info.global_rank)
         self.ckpt = CheckpointManager(cfg.checkpoint.dir or self.run_dir / "checkpoints",
                                       keep_last=cfg.checkpoint.keep_last, global_rank=self.info.global_rank,
-                                      fault=self.faults.in_save if self.faults is not None else None)
+                                      fault=self.faults.in_save if self.faults is not None else None,
+                                      async_save=cfg.checkpoint.async_save)
         if cfg.checkpoint.every or cfg.checkpoint.save_final:
             self.ckpt.check_writable()  # before the data and the model: a bad directory costs seconds, not a run
 
@@ -304,15 +306,19 @@ class Trainer:
         with watchdog, StopSignal() as stop:
             while not self.should_stop():
                 self._train_and_log()
+                self.ckpt.poll()  # checkpoint.async_save: publish a save every rank has finished writing
                 if stop.should_stop():  # SIGTERM/SIGUSR1 on any rank (preemption): save and leave, all together
                     self.stopped_by = stop.reason
+                    self.wait_for_checkpoint()
                     latest = self.ckpt.latest()
                     if latest is None or latest.name != CheckpointManager.step_name(self.step):
                         self.save()
+                        self.wait_for_checkpoint()
                     return self.last_val_loss if self.last_val_loss is not None else float("nan")
             val = self.evaluate()
             if self.cfg.checkpoint.save_final:
                 self.save()
+            self.wait_for_checkpoint()
         return val
 
     def _train_and_log(self) -> None:
@@ -387,6 +393,13 @@ class Trainer:
         path = self.ckpt.save(self.step, self._sharded_state_dict(), meta, write_local=write_local)
         self.progress.update(self.step, "after checkpoint save")
         return path
+
+    def wait_for_checkpoint(self) -> None:
+        """Block until a pending asynchronous save (``checkpoint.async_save``) is published; collective."""
+        if self.ckpt.pending is not None:
+            self.progress.update(self.step, "checkpoint finalize", watched=False)
+            self.ckpt.wait()
+            self.progress.update(self.step, "after checkpoint finalize")
 
     def _check_compatible(self, path: Path, meta: dict) -> None:
         theirs, ours = meta["config"]["model"], config_to_dict(self.cfg)["model"]

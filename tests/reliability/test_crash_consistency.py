@@ -1,7 +1,7 @@
-"""Crash consistency: SIGKILL of one rank or of all ranks, mid-step or inside a checkpoint save, then --resume: the
-run continues from the last complete checkpoint and its per-step losses equal an uninterrupted run's exactly.
-A full disk or an unwritable checkpoint directory stops the run with one clear line and leaves the previous
-checkpoints intact. Plus the checkpoint directory's invariants, tested in one process."""
+"""Crash consistency: SIGKILL of one rank or of all ranks, mid-step or inside a checkpoint save (synchronous or
+asynchronous), then --resume: the run continues from the last complete checkpoint and its per-step losses equal an
+uninterrupted run's exactly. A full disk or an unwritable checkpoint directory stops the run with one clear line
+and leaves the previous checkpoints intact. Plus the checkpoint directory's invariants, tested in one process."""
 from __future__ import annotations
 
 import json
@@ -14,6 +14,18 @@ from elas_megatron.training.checkpoint import META, CheckpointError, CheckpointM
 
 RUN = ["train.steps=6", "checkpoint.every=2", "checkpoint.save_final=false", "checkpoint.keep_last=1",
        "parallel.zero_stage=1", "train.density_check_every=2"]
+ASYNC = ["checkpoint.async_save=true"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> dict[int, float]:
+    """Per-step losses of RUN on two ranks without interruption (synchronous saves)."""
+    run_dir = tmp_path_factory.mktemp("uninterrupted") / "run"
+    reference = launch(run_dir, *RUN)
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    losses = step_losses(run_dir / "metrics.jsonl")
+    assert sorted(losses) == [1, 2, 3, 4, 5, 6]
+    return losses
 
 
 def _checkpoints(run_dir):
@@ -23,17 +35,13 @@ def _checkpoints(run_dir):
 
 @pytest.mark.distributed
 @pytest.mark.slow
-def test_kills_anywhere_then_resume_equals_an_uninterrupted_run(tmp_path):
+def test_kills_anywhere_then_resume_equals_an_uninterrupted_run(tmp_path, uninterrupted):
     """Two ranks, distributed optimizer. One chain of crashes, each followed by --resume:
     1. rank 1 is killed at the start of step 4 (checkpoint 2 exists);
     2. both ranks are killed inside the save of step 4, files written but not published;
     3. rank 0 is killed inside the save of step 4 after the rename, before ``latest`` moved;
     4. the run finishes. Its losses (resumed records superseding) equal the uninterrupted run's, bit for bit."""
-    reference = launch(tmp_path / "reference", *RUN)
-    assert reference.returncode == 0, reference.stderr[-3000:]
-    want = step_losses(tmp_path / "reference" / "metrics.jsonl")
-    assert sorted(want) == [1, 2, 3, 4, 5, 6]
-
+    want = uninterrupted
     run = tmp_path / "run"
     killed = launch(run, *RUN, faults="kill@4:rank=1")
     assert killed.returncode != 0 and "exitcode  : -9" in killed.stderr, killed.stderr[-3000:]
@@ -56,9 +64,36 @@ def test_kills_anywhere_then_resume_equals_an_uninterrupted_run(tmp_path):
 
 
 @pytest.mark.distributed
-def test_disk_full_during_a_save_stops_every_rank_and_keeps_the_previous_checkpoint(tmp_path):
-    """Rank 1's checkpoint files cannot be written (file size limit, as on a full disk) while saving step 4."""
-    result = launch(tmp_path / "run", *RUN, faults="disk_full_in_save@4:rank=1")
+@pytest.mark.slow
+def test_kills_during_async_saves_then_resume_equals_an_uninterrupted_run(tmp_path, uninterrupted):
+    """The chain above with checkpoint.async_save=true:
+    1. rank 1 is killed just after its background writer for checkpoint 4 started (training would go on);
+    2. both ranks are killed once checkpoint 4's files are all written, before it is published;
+    3. the run finishes. In every state ``latest`` names a complete checkpoint, and the losses equal the
+       uninterrupted synchronous run's, bit for bit."""
+    run = tmp_path / "run"
+    killed = launch(run, *RUN, *ASYNC, faults="kill_in_save@4:scheduled:rank=1")
+    assert killed.returncode != 0 and "exitcode  : -9" in killed.stderr, killed.stderr[-3000:]
+    assert _checkpoints(run) == ([".step_00000004.tmp", "step_00000002"], "step_00000002"), killed.stderr[-3000:]
+
+    killed = launch(run, *RUN, *ASYNC, faults="kill_in_save@4:written", resume=True)
+    assert killed.returncode != 0 and "resumed from" in killed.stderr, killed.stderr[-3000:]
+    assert _checkpoints(run) == ([".step_00000004.tmp", "step_00000002"], "step_00000002"), killed.stderr[-3000:]
+
+    finished = launch(run, *RUN, *ASYNC, resume=True)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    assert "step_00000002 at step 2" in finished.stderr
+    assert _checkpoints(run) == (["step_00000004"], "step_00000004")
+    assert step_losses(run / "metrics.jsonl") == uninterrupted
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_disk_full_during_a_save_stops_every_rank_and_keeps_the_previous_checkpoint(tmp_path, mode):
+    """Rank 1's checkpoint files cannot be written (file size limit, as on a full disk) while saving step 4; with
+    async saves the error surfaces when the save is finalised, as the same collective error."""
+    result = launch(tmp_path / "run", *RUN, *(ASYNC if mode == "async" else []),
+                    faults="disk_full_in_save@4:rank=1")
     assert result.returncode != 0
     errors = [line for line in result.stderr.splitlines() if line.startswith("elas-train: error:")]
     assert errors and all("checkpoint step_00000004 could not be written" in e and "previous checkpoints are "

@@ -29,6 +29,9 @@ from elas_megatron.training.checkpoint import CheckpointError
     (["train.loss_spike_factor=0.5"], "train.loss_spike_factor=0.5 is invalid: expected 0 (off) or a factor > 1"),
     (["train.density_warn=0.6"], "train.density_warn=0.6 is invalid: expected in [0, 0.5]"),
     (["train.density_check_every=-1"], "train.density_check_every=-1 is invalid: expected >= 0"),
+    (["parallel.optimizer=deepspeed", "parallel.zero_stage=1", "checkpoint.async_save=true"],
+     ("checkpoint.async_save=true is not supported with parallel.optimizer=deepspeed (DeepSpeed writes its ZeRO "
+      "optimizer partitions itself, synchronously); set checkpoint.async_save=false or use parallel.optimizer=megatron")),
 ])
 def test_config_values_that_used_to_pass(overrides, message):
     with pytest.raises(ConfigError) as info:
