@@ -79,26 +79,48 @@ def plan_runs(*, sizes: list[str], variants: list[str], elas_warmups: list[int],
     return runs
 
 
-def run_all(runs: list[QualityRun], *, out_dir: Path, timeout_s: float | None) -> dict[str, str]:
-    """Train every run in its own process (sequentially). Returns run name -> "ok" or why it failed."""
-    status = {}
+def run_all(runs: list[QualityRun], *, out_dir: Path, timeout_s: float | None, jobs: int = 1) -> dict[str, str]:
+    """Train every run in its own process, ``jobs`` at a time. Returns run name -> "ok" or why it failed.
+
+    Several small runs share one GPU well (a 60M model leaves it idle between kernel launches); each run's
+    numbers do not depend on ``jobs``, since every run draws from its own seed and data order.
+    """
+    status: dict[str, str] = {}
     (out_dir / "logs").mkdir(parents=True, exist_ok=True)
-    for run in runs:
-        log_path = out_dir / "logs" / f"{run.name}.log"
-        metrics = Path(run.run_dir) / "metrics.jsonl"
-        if metrics.exists():  # a fresh curve, not one appended to an old run's
-            metrics.unlink()
-        cmd = [sys.executable, "-m", "elas_megatron.cli.train", *run.configs, *run.overrides]
-        logger.info("quality run %s: %s", run.name, " ".join(cmd[3:]))
-        start = time.perf_counter()
-        with log_path.open("w") as log:
-            try:
-                rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, timeout=timeout_s, check=False).returncode
-            except subprocess.TimeoutExpired:
-                rc = None
-        status[run.name] = "ok" if rc == 0 else (f"timed out after {timeout_s:.0f} s" if rc is None else
-                                                 f"exit {rc}, see {log_path}")
-        logger.info("quality run %s: %s (%.0f s)", run.name, status[run.name], time.perf_counter() - start)
+    pending, active = list(runs), []
+    try:
+        while pending or active:
+            while pending and len(active) < max(1, jobs):
+                run = pending.pop(0)
+                metrics = Path(run.run_dir) / "metrics.jsonl"
+                if metrics.exists():  # a fresh curve, not one appended to an old run's
+                    metrics.unlink()
+                cmd = [sys.executable, "-m", "elas_megatron.cli.train", *run.configs, *run.overrides]
+                logger.info("quality run %s: %s", run.name, " ".join(cmd[3:]))
+                log = (out_dir / "logs" / f"{run.name}.log").open("w")
+                proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+                active.append((run, proc, log, time.perf_counter()))
+            time.sleep(0.2)
+            for item in list(active):
+                run, proc, log, start = item
+                elapsed = time.perf_counter() - start
+                if proc.poll() is None and (timeout_s is None or elapsed < timeout_s):
+                    continue
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+                    status[run.name] = f"timed out after {timeout_s:.0f} s"
+                else:
+                    status[run.name] = "ok" if proc.returncode == 0 else f"exit {proc.returncode}, see {log.name}"
+                log.close()
+                active.remove(item)
+                logger.info("quality run %s: %s (%.0f s)", run.name, status[run.name], elapsed)
+    finally:  # a time limit on the whole benchmark (SIGTERM -> exception) ends the runs still going
+        for run, proc, log, _ in active:
+            proc.kill()
+            proc.wait()
+            log.close()
+            status.setdefault(run.name, "stopped")
     return status
 
 

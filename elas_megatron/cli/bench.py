@@ -66,6 +66,7 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--override", "-o", action="append", default=[], metavar="section.key=value",
                    help="for every run, e.g. -o train.global_batch=128 -o train.eval_every=100")
     q.add_argument("--timeout-s", type=float, default=None, help="per run")
+    q.add_argument("--jobs", type=int, default=1, help="runs at a time (small models share one GPU well)")
     q.add_argument("--tiny", action="store_true", help="a 2-layer fp32 model on the CPU (smoke test)")
     q.add_argument("--report-only", action="store_true", help="no training: tables and plot of existing runs")
     q.add_argument("--out", type=Path, default=Path("runs/bench/quality"))
@@ -125,7 +126,8 @@ def _quality(args) -> int:
     common += quality.TINY_OVERRIDES if args.tiny else []
     runs = quality.plan_runs(sizes=args.sizes, variants=args.variants, elas_warmups=args.elas_warmup,
                              steps=args.steps, out_dir=args.out, common=common)
-    status = {} if args.report_only else quality.run_all(runs, out_dir=args.out, timeout_s=args.timeout_s)
+    status = {} if args.report_only else quality.run_all(runs, out_dir=args.out, timeout_s=args.timeout_s,
+                                                                 jobs=args.jobs)
     results = quality.collect(runs)
     for r in results:
         r["status"] = status.get(r["name"], "not run here")

@@ -13,7 +13,7 @@ HAVE_MPL = importlib.util.find_spec("matplotlib") is not None
 def test_quality_runs_two_variants_and_reports(tmp_path, capsys):
     out = tmp_path / "q"
     assert main(["quality", "--tiny", "--variants", "cola,elas", "--elas-warmup", "2", "--steps", "4",
-                 "-o", "train.eval_every=2", "--out", str(out)]) == 0
+                 "-o", "train.eval_every=2", "--jobs", "2", "--out", str(out)]) == 0
     results = json.loads((out / "quality.json").read_text())
     assert [r["name"] for r in results] == ["60m_cola", "60m_elas_warmup2"]
     for r in results:
@@ -28,6 +28,11 @@ def test_quality_runs_two_variants_and_reports(tmp_path, capsys):
     assert main(["quality", "--tiny", "--variants", "cola,elas", "--elas-warmup", "2", "--steps", "4",
                  "--report-only", "--out", str(out)]) == 0
     assert (out / "quality.md").read_text() == table
+    # runs side by side (--jobs 2) give the curves a run alone gives
+    alone = tmp_path / "alone"
+    assert main(["quality", "--tiny", "--variants", "cola", "--steps", "4", "-o", "train.eval_every=2",
+                 "--out", str(alone)]) == 0
+    assert json.loads((alone / "quality.json").read_text())[0]["curve"] == results[0]["curve"]
 
 
 def test_plan_same_everything_but_the_variant(tmp_path):
