@@ -102,9 +102,11 @@ def _table(rows: list[dict]) -> str:
             out.append(f"{head} failed: {r['error'][:200]} | | | |")
             continue
         ref = refs.get(r["variant"])
-        delta = (max(abs(a - b) for a, b in zip(r["losses"], ref["losses"])) if ref else float("nan"))
+        # without its megatron/none row in the same run there is nothing to compare with
+        delta = (f"{max(abs(a - b) for a, b in zip(r['losses'], ref['losses'])):.2e}" if ref
+                 else "n/a (no megatron/none row in this run)")
         mem = f"{r['peak_mem_gib']:.2f}" if r["peak_mem_gib"] is not None else "n/a"
-        out.append(f"{head} {r['losses'][-1]:.4f} | {delta:.2e} | {r['tokens_per_s']:,.0f} | {mem} |")
+        out.append(f"{head} {r['losses'][-1]:.4f} | {delta} | {r['tokens_per_s']:,.0f} | {mem} |")
     return "\n".join(out)
 
 
