@@ -7,14 +7,17 @@
 #   elas-bench plot OUT/throughput_1b ; elas-bench plot OUT/throughput_350m ;
 #   elas-bench quality --report-only --out OUT/quality ...   (see docs/performance.md)
 # Every phase writes its results as it goes and has its own time cap, so a cut-off phase still leaves its rows.
-#   PHASES="1b_train 1b_prefill 350m_train 350m_prefill quality" (default: all, in this order)
-#   BUDGET_S=530 (the whole call), QUALITY_STEPS=400
+#   PHASES="1b_train 1b_prefill 350m_train 350m_prefill quality backends" (default: all, in this order)
+#   BUDGET_S=530 (the whole call), QUALITY_STEPS=1500, BACKENDS_ARGS (benchmarks/parallel_backends.py's arguments)
+# Everything lands in $RES (default /tmp/perf); at the end it is packed into $OUT/perf_results.tgz, since the
+# device tool brings back only a few files, two folders deep (unpack here: tar xzf perf_results.tgz).
 #   CPU check of this script: SKIP_WHEELS=1 BENCH_EXTRA="--tiny --seq-lens 16 --micro-batches 1,2
 #     --inference-micro-batches 1,2" QUALITY_EXTRA="--tiny" QUALITY_STEPS=4 bash benchmarks/run_performance.sh
 set -uo pipefail
 OUT=${OUT:-perf_out}; mkdir -p "$OUT"
+RES=${RES:-/tmp/perf}; mkdir -p "$RES"
 BUDGET_S=${BUDGET_S:-530}
-PHASES=${PHASES:-"1b_train 1b_prefill 350m_train 350m_prefill quality"}
+PHASES=${PHASES:-"1b_train 1b_prefill 350m_train 350m_prefill quality backends"}
 export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:$PWD
 # fewer fragmentation OOMs, so the largest batch that fits is the model's, not the allocator's
 export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
@@ -22,8 +25,8 @@ if [[ -z "${SKIP_WHEELS:-}" ]]; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
         .whl/*.whl || { echo "wheel install failed"; exit 1; }
 fi
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null | tee "$OUT/device.txt"
-python3 -c "import torch, triton, megatron.core as m; print('torch', torch.__version__, 'triton', triton.__version__, 'mcore', m.__version__)" | tee -a "$OUT/device.txt"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null | tee "$RES/device.txt"
+python3 -c "import torch, triton, megatron.core as m; print('torch', torch.__version__, 'triton', triton.__version__, 'mcore', m.__version__)" | tee -a "$RES/device.txt"
 
 BENCH="python3 -m elas_megatron.cli.bench"
 # seconds a phase may take: its cap, or what is left of the budget (minus a margin to copy files)
@@ -33,35 +36,45 @@ run_phase() {  # name cap command...
     local name=$1 cap; cap=$(allow "$2"); shift 2
     echo "== $name (up to ${cap} s; ${SECONDS} s used)"
     # shellcheck disable=SC2086  # BENCH_EXTRA / QUALITY_EXTRA are word lists
-    timeout -k 15 "$cap" "$@" > "$OUT/$name.log" 2>&1
-    echo "   exit $? after ${SECONDS} s"; grep -E "^\| (\*\*elas|dense \||cola \||elas \||[0-9a-z]+_(dense|cola|elas))" "$OUT/$name.log" | head -12
+    timeout -k 15 "$cap" "$@" > "$RES/$name.log" 2>&1
+    echo "   exit $? after ${SECONDS} s"; grep -E "^\| (\*\*elas|dense \||cola \||elas \||[0-9a-z]+_(dense|cola|elas))" "$RES/$name.log" | head -12
 }
 # Grids: the memory estimate (training/memory.py, within 90 % of 79.6 GiB) puts the largest micro-batch of 1024
 # tokens at 24 (1B dense and cola), 40 (1B elas), 60 / 56 / 76 (350M dense / cola / elas); steps of 4 (1B) and
 # 8 (350M) around those resolve the max-batch ratio to ~15 %. Prefill keeps no activations: large batches fit.
 TRAIN=(--steps 3 --warmup 2 --profile-steps 1 --isolation variant --seq-lens 1024)
 PREFILL=(--no-train --inference --steps 3 --warmup 1 --profile-steps 1 --isolation variant --seq-lens 1024)
-want 1b_train && run_phase 1b_train 180 $BENCH throughput configs/model/1b.yaml "${TRAIN[@]}" \
-    --micro-batches 8,16,20,24,28,32,36,40,44,48 --out "$OUT/throughput_1b" ${BENCH_EXTRA:-}
-want 1b_prefill && run_phase 1b_prefill 70 $BENCH throughput configs/model/1b.yaml "${PREFILL[@]}" \
-    --inference-micro-batches 16,64,256 --out "$OUT/throughput_1b_prefill" ${BENCH_EXTRA:-}
-want 350m_train && run_phase 350m_train 100 $BENCH throughput configs/model/350m.yaml "${TRAIN[@]}" \
-    --micro-batches 16,32,48,56,64,72,80,88,96,128 --out "$OUT/throughput_350m" ${BENCH_EXTRA:-}
-want 350m_prefill && run_phase 350m_prefill 40 $BENCH throughput configs/model/350m.yaml "${PREFILL[@]}" \
-    --inference-micro-batches 16,64,256 --out "$OUT/throughput_350m_prefill" ${BENCH_EXTRA:-}
+want 1b_train && run_phase 1b_train "${CAP_1B_TRAIN:-240}" $BENCH throughput configs/model/1b.yaml "${TRAIN[@]}" \
+    --micro-batches "${MB_1B:-8,16,24,28,32,40,44,48,56}" --out "$RES/throughput_1b" ${BENCH_EXTRA:-}
+want 1b_prefill && run_phase 1b_prefill "${CAP_1B_PREFILL:-150}" $BENCH throughput configs/model/1b.yaml "${PREFILL[@]}" \
+    --inference-micro-batches "${PF_MB:-64,256}" --out "$RES/throughput_1b_prefill" ${BENCH_EXTRA:-}
+want 350m_train && run_phase 350m_train "${CAP_350M_TRAIN:-170}" $BENCH throughput configs/model/350m.yaml "${TRAIN[@]}" \
+    --micro-batches "${MB_350M:-16,32,56,64,72,80,96,112,128}" --out "$RES/throughput_350m" ${BENCH_EXTRA:-}
+want 350m_prefill && run_phase 350m_prefill "${CAP_350M_PREFILL:-100}" $BENCH throughput configs/model/350m.yaml "${PREFILL[@]}" \
+    --inference-micro-batches "${PF_MB:-64,256}" --out "$RES/throughput_350m_prefill" ${BENCH_EXTRA:-}
 if want quality; then
-    # cola first: the goal is elas vs cola; dense last (cut first when time runs out)
-    cap=$(allow 400); per_run=$(( cap / 4 > 30 ? cap / 4 : 30 ))
-    run_phase quality "$cap" $BENCH quality --sizes 60m --variants cola,elas,dense --elas-warmup 0,40 \
-        --steps "${QUALITY_STEPS:-400}" --data data/pydocs/tokens/pydocs_text_document \
-        -o train.global_batch=32 -o train.micro_batch=32 -o train.eval_every=50 -o train.eval_iters=8 \
-        --timeout-s "$per_run" --out /tmp/perf_quality ${QUALITY_EXTRA:-}
-    mkdir -p "$OUT/quality"
-    cp /tmp/perf_quality/quality.* "$OUT/quality/" 2>/dev/null
+    # the four 60M runs at once (each leaves the GPU idle between launches; results do not depend on --jobs)
+    cap=$(allow "${CAP_QUALITY:-330}")
+    run_phase quality "$cap" $BENCH quality --sizes 60m --variants cola,elas,dense --elas-warmup 0,150 \
+        --steps "${QUALITY_STEPS:-1500}" --data data/pydocs/tokens/pydocs_text_document \
+        -o train.global_batch=16 -o train.micro_batch=16 -o train.eval_every=100 -o train.eval_iters=16 \
+        --jobs 4 --timeout-s $(( cap - 15 )) --out /tmp/perf_quality ${QUALITY_EXTRA:-}
+    mkdir -p "$RES/quality"
+    cp /tmp/perf_quality/quality.* "$RES/quality/" 2>/dev/null
     for d in /tmp/perf_quality/runs/*/; do
-        n=$(basename "$d"); mkdir -p "$OUT/quality/runs/$n"
-        cp "$d/metrics.jsonl" "$d/config.yaml" "$OUT/quality/runs/$n/" 2>/dev/null
+        n=$(basename "$d"); mkdir -p "$RES/quality/runs/$n"
+        cp "$d/metrics.jsonl" "$d/config.yaml" "$RES/quality/runs/$n/" 2>/dev/null
     done
-    cp -r /tmp/perf_quality/logs "$OUT/quality/" 2>/dev/null
+    cp -r /tmp/perf_quality/logs "$RES/quality/" 2>/dev/null
 fi
+if want backends; then
+    # optimizer backends x recompute at 350M (issue 3's table); DeepSpeed from the carried sdist
+    DS_BUILD_OPS=0 python3 -m pip install -q --no-index --no-deps --no-build-isolation --target /tmp/site \
+        .whl/deepspeed-*.tar.gz > "$RES/deepspeed_install.log" 2>&1 || echo "deepspeed install failed (see log)"
+    # shellcheck disable=SC2086  # BACKENDS_ARGS is a word list
+    run_phase backends "$(allow 300)" python3 benchmarks/parallel_backends.py --json "$RES/parallel_backends.json" \
+        ${BACKENDS_ARGS:-}
+    grep -E "^\|" "$RES/backends.log" | tail -14
+fi
+tar czf "$OUT/perf_results.tgz" -C "$RES" . && echo "== packed $(du -h "$OUT/perf_results.tgz" | cut -f1) into perf_results.tgz"
 echo "== done in ${SECONDS} s"
