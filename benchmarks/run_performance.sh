@@ -53,12 +53,14 @@ want 350m_train && run_phase 350m_train "${CAP_350M_TRAIN:-170}" $BENCH throughp
 want 350m_prefill && run_phase 350m_prefill "${CAP_350M_PREFILL:-100}" $BENCH throughput configs/model/350m.yaml "${PREFILL[@]}" \
     --inference-micro-batches "${PF_MB:-64,256}" --out "$RES/throughput_350m_prefill" ${BENCH_EXTRA:-}
 if want quality; then
-    # the four 60M runs at once (each leaves the GPU idle between launches; results do not depend on --jobs)
+    # the four 60M runs at once (each leaves the GPU idle between launches; results do not depend on --jobs).
+    # lr 1e-3 for all: the recipe's 6e-3 (60M low-rank) is for 512 x 256-token batches; with 16 x 256 it held
+    # cola and elas back in the 2026-11-23 run (docs/performance.md, "Quality")
     cap=$(allow "${CAP_QUALITY:-330}")
     run_phase quality "$cap" $BENCH quality --sizes 60m --variants cola,elas,dense --elas-warmup 0,150 \
         --steps "${QUALITY_STEPS:-1500}" --data data/pydocs/tokens/pydocs_text_document \
-        -o train.global_batch=16 -o train.micro_batch=16 -o train.eval_every=100 -o train.eval_iters=16 \
-        --jobs 4 --timeout-s $(( cap - 15 )) --out /tmp/perf_quality ${QUALITY_EXTRA:-}
+        -o train.global_batch=16 -o train.micro_batch=16 -o optim.lr=1e-3 -o train.eval_every=100 \
+        -o train.eval_iters=16 --jobs 4 --timeout-s $(( cap - 15 )) --out /tmp/perf_quality ${QUALITY_EXTRA:-}
     mkdir -p "$RES/quality"
     cp /tmp/perf_quality/quality.* "$RES/quality/" 2>/dev/null
     for d in /tmp/perf_quality/runs/*/; do
