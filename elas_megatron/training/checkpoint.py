@@ -303,7 +303,17 @@ class CheckpointManager:
             from megatron.core.dist_checkpointing.strategies import async_utils
 
             self._calls = async_utils.AsyncCallsQueue(persistent=False)  # a forked writer per save: a snapshot
-        self._calls.schedule_async_request(request)
+        try:
+            self._calls.schedule_async_request(request)
+        except Exception as exc:  # noqa: BLE001  e.g. no memory to fork: the other ranks must hear of it
+            error = _oneline(exc)
+        try:
+            _agree(error, what)
+        except CheckpointError:
+            self._kill_writers()
+            if self.is_writer:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise
         self._pending = pending
         if self.fault is not None:
             self.fault("scheduled", step)
@@ -341,6 +351,12 @@ class CheckpointManager:
         pending, self._pending = self._pending, None
         self._finish(pending, error)
         return True
+
+    def _kill_writers(self) -> None:
+        """Stop this rank's background writers of a save that failed elsewhere (their files are discarded)."""
+        for call in self._calls.async_calls:
+            call.async_caller.close(abort=True)
+        self._calls.async_calls.clear()
 
     def _finish(self, pending: _PendingSave, error: str | None) -> None:
         """Every rank has written (or failed): agree, then rank 0 publishes; collective."""

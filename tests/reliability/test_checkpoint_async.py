@@ -7,10 +7,11 @@ from __future__ import annotations
 import os
 import signal
 
+import pytest
 import torch
 from reliability_runs import step_losses
 
-from elas_megatron.training.checkpoint import META
+from elas_megatron.training.checkpoint import META, CheckpointError
 
 
 def _run(make_trainer, tmp_path, name: str, *overrides: str, resume: bool = False):
@@ -79,3 +80,22 @@ def test_preemption_waits_for_async_saves(make_trainer, tmp_path):
     assert (ckpt / "latest").read_text() == "step_00000004\n" and (ckpt / "step_00000003" / META).is_file()
     _run(make_trainer, tmp_path, "part", *args, resume=True).train()
     assert step_losses(tmp_path / "part" / "metrics.jsonl") == step_losses(tmp_path / "full" / "metrics.jsonl")
+
+
+def test_background_writers_that_cannot_start_are_a_checkpoint_error(make_trainer, tmp_path, monkeypatch):
+    from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+
+    trainer = _run(make_trainer, tmp_path, "run", "checkpoint.async_save=true")
+    trainer.train_step()
+    first = trainer.save()
+    trainer.train_step()
+
+    def cannot_fork(self, request):
+        raise OSError(12, "Cannot allocate memory")
+
+    monkeypatch.setattr(AsyncCallsQueue, "schedule_async_request", cannot_fork)
+    with pytest.raises(CheckpointError, match=r"checkpoint step_00000002 could not be written .* previous checkpoints "
+                                              r"are intact.*rank 0: OSError: \[Errno 12\] Cannot allocate memory"):
+        trainer.save()  # (waits for the first save, which is published)
+    assert trainer.ckpt.pending is None and trainer.ckpt.latest() == first and (first / META).is_file()
+    assert not list((tmp_path / "run" / "checkpoints").glob(".step_*"))
