@@ -2,13 +2,14 @@
 per-step losses as an uninterrupted run."""
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from elas_megatron.training.metrics import read_metrics
 
 REPO = Path(__file__).resolve().parents[2]
 ARGS = ["model.hidden_size=64", "model.num_layers=2", "model.num_heads=4", "model.ffn_hidden_size=128",
@@ -19,12 +20,8 @@ ARGS = ["model.hidden_size=64", "model.num_layers=2", "model.num_heads=4", "mode
 
 
 def losses(run_dir: Path) -> dict[int, float]:
-    out = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        rec = json.loads(line)
-        if "loss" in rec:
-            out[rec["step"]] = rec["loss"]  # a resumed run's records supersede earlier ones of the same step
-    return out
+    """Per-step training losses as the run finally went (read_metrics applies the resume events)."""
+    return {rec["step"]: rec["loss"] for rec in read_metrics(run_dir / "metrics.jsonl") if "loss" in rec}
 
 
 def cmd(run_dir: Path, *extra: str) -> list[str]:
