@@ -41,7 +41,8 @@ run_phase() {  # name cap command...
 }
 # Grids: the memory estimate (training/memory.py, within 90 % of 79.6 GiB) puts the largest micro-batch of 1024
 # tokens at 24 (1B dense and cola), 40 (1B elas), 60 / 56 / 76 (350M dense / cola / elas); steps of 4 (1B) and
-# 8 (350M) around those resolve the max-batch ratio to ~15 %. Prefill keeps no activations: large batches fit.
+# 8 (350M) around those resolve the max-batch ratio to ~15 %. Measured on an H100 (2026-11-23): 24 / 24 / 36 at 1B
+# and 56 / 56 / >= 72 at 350M. Prefill keeps no activations: large batches fit.
 TRAIN=(--steps 3 --warmup 2 --profile-steps 1 --isolation variant --seq-lens 1024)
 PREFILL=(--no-train --inference --steps 3 --warmup 1 --profile-steps 1 --isolation variant --seq-lens 1024)
 want 1b_train && run_phase 1b_train "${CAP_1B_TRAIN:-240}" $BENCH throughput configs/model/1b.yaml "${TRAIN[@]}" \
