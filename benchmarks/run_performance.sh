@@ -8,7 +8,7 @@
 #   elas-bench quality --report-only --out OUT/quality ...   (see docs/performance.md)
 # Every phase writes its results as it goes and has its own time cap, so a cut-off phase still leaves its rows.
 #   PHASES="1b_train 1b_prefill 350m_train 350m_prefill quality backends" (default: all, in this order)
-#   BUDGET_S=530 (the whole call), QUALITY_STEPS=1500, BACKENDS_ARGS (benchmarks/parallel_backends.py's arguments)
+#   BUDGET_S=530 (the whole call), QUALITY_STEPS=1500, CAP_<PHASE> (each phase's cap), BACKENDS_ARGS (benchmarks/parallel_backends.py's arguments)
 # Everything lands in $RES (default /tmp/perf); at the end it is packed into $OUT/perf_results.tgz, since the
 # device tool brings back only a few files, two folders deep (unpack here: tar xzf perf_results.tgz).
 #   CPU check of this script: SKIP_WHEELS=1 BENCH_EXTRA="--tiny --seq-lens 16 --micro-batches 1,2
@@ -75,7 +75,7 @@ if want backends; then
     DS_BUILD_OPS=0 python3 -m pip install -q --no-index --no-deps --no-build-isolation --target /tmp/site \
         .whl/deepspeed-*.tar.gz > "$RES/deepspeed_install.log" 2>&1 || echo "deepspeed install failed (see log)"
     # shellcheck disable=SC2086  # BACKENDS_ARGS is a word list
-    run_phase backends "$(allow 300)" python3 benchmarks/parallel_backends.py --json "$RES/parallel_backends.json" \
+    run_phase backends "${CAP_BACKENDS:-300}" python3 benchmarks/parallel_backends.py --json "$RES/parallel_backends.json" \
         ${BACKENDS_ARGS:-}
     grep -E "^\|" "$RES/backends.log" | tail -14
 fi
