@@ -71,6 +71,10 @@ class ModelConfig:
     attention_backend: Literal["auto", "local", "sdpa"] = "auto"
     """Core attention: megatron-core's unfused local attention, or torch SDPA (flash/cuDNN kernels).
     auto = sdpa on CUDA, local on CPU."""
+    rope_backend: Literal["auto", "megatron", "triton"] = "auto"
+    """How q and k get their rotary embedding: megatron's unfused PyTorch ops, or one Triton pass each
+    (elas_megatron.kernels.rope). auto = triton on CUDA with the local spec and Triton installed, else megatron
+    (the TE spec uses TE's fused RoPE)."""
 
     def __post_init__(self) -> None:
         _check_finite(self, "model")
@@ -156,6 +160,9 @@ class OptimConfig:
     eps: float = 1e-8
     clip_grad: float = 1.0
     """Global grad-norm clip (0 disables)."""
+    adam_impl: Literal["auto", "foreach", "fused"] = "auto"
+    """torch AdamW kernel (used without Apex/TE, i.e. megatron's fallback and the DeepSpeed backend): foreach
+    (several multi-tensor passes) or fused (one pass, CUDA only). auto = fused on CUDA, foreach elsewhere."""
 
     def __post_init__(self) -> None:
         _check_finite(self, "optim")

@@ -1,10 +1,17 @@
 # SPDX-License-Identifier: Apache-2.0
-"""Core attention through ``torch.nn.functional.scaled_dot_product_attention`` for the ``core_attention`` slot.
+"""Attention pieces for the layer specs: SDPA core attention and a self-attention with fused RoPE.
+
+:class:`SDPAttention` -- core attention through ``torch.nn.functional.scaled_dot_product_attention`` for the
+``core_attention`` slot.
 
 megatron-core's local ``DotProductAttention`` materialises the ``[b, heads, s, s]`` score matrix (``baddbmm`` +
 softmax + ``bmm``); without Transformer Engine that is the only core attention of the local spec. SDPA picks
 the flash / memory-efficient / cuDNN kernels on CUDA and a fused math path on CPU, with the same result. Used
 when ``model.attention_backend`` resolves to ``sdpa``. It is a pure function of q/k/v: no parameters.
+
+:class:`FusedRopeSelfAttention` -- megatron's ``SelfAttention`` with q and k rotated by one Triton pass each
+(:mod:`elas_megatron.kernels.rope`) instead of megatron's unfused RoPE; used when ``model.rope_backend``
+resolves to ``triton``.
 """
 from __future__ import annotations
 
@@ -16,12 +23,16 @@ import torch.nn.functional as F
 from megatron.core import tensor_parallel
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.process_groups_config import ProcessGroupCollection
+from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
+from megatron.core.transformer.attention import SelfAttention
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.utils import divide
 
-__all__ = ["SDPAttention"]
+from elas_megatron.kernels.rope import fused_rope, fused_rope_unavailable_reason
+
+__all__ = ["FusedRopeSelfAttention", "SDPAttention"]
 
 
 class SDPAttention(MegatronModule):
@@ -76,3 +87,46 @@ class SDPAttention(MegatronModule):
                 q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal, scale=self.softmax_scale,
                 enable_gqa=q.shape[1] != k.shape[1])      # [b, np, sq, hn]
         return context.permute(2, 0, 1, 3).reshape(sq, b, -1)            # [sq, b, np * hn]
+
+
+class FusedRopeSelfAttention(SelfAttention):
+    """megatron's ``SelfAttention`` with RoPE applied by :func:`~elas_megatron.kernels.rope.fused_rope`.
+
+    megatron applies RoPE deep inside its long ``forward``. Rather than copy that method, this class takes the
+    rotary angles out of the call (megatron then skips its own RoPE) and rotates q and k at the end of
+    ``get_query_key_value_tensors``, the step right before, where megatron would have. Calls the kernel does not
+    cover (inference KV caches, packed sequences, per-layer ``no_rope``, interleaved RoPE, output gates) go through megatron's
+    path unchanged; tensors the kernel refuses (CPU, odd shapes) get megatron's unfused RoPE at the same place.
+    Same parameters and checkpoint keys as ``SelfAttention``.
+    """
+
+    _rope_freqs: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None,
+                key_value_states: torch.Tensor | None = None, inference_context=None, rotary_pos_emb=None,
+                *args, **kwargs):
+        freqs = rotary_pos_emb if isinstance(rotary_pos_emb, tuple) else (rotary_pos_emb, rotary_pos_emb)
+        if (rotary_pos_emb is None or freqs[0] is None or freqs[1] is None or inference_context is not None
+                or kwargs.get("inference_params") is not None or kwargs.get("packed_seq_params") is not None
+                or self.config.no_rope_freq or self.config.rotary_interleaved or self.config.attention_output_gate):
+            return super().forward(hidden_states, attention_mask, key_value_states, inference_context,
+                                   rotary_pos_emb, *args, **kwargs)
+        self._rope_freqs = freqs
+        try:
+            return super().forward(hidden_states, attention_mask, key_value_states, inference_context, None,
+                                   *args, **kwargs)
+        finally:
+            self._rope_freqs = None
+
+    def get_query_key_value_tensors(self, *args, **kwargs):
+        out = super().get_query_key_value_tensors(*args, **kwargs)
+        if self._rope_freqs is None:
+            return out
+        query, key, *rest = out
+        q_freqs, k_freqs = self._rope_freqs
+        return (self._rotate(query, q_freqs), self._rotate(key, k_freqs), *rest)
+
+    def _rotate(self, t: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+        if fused_rope_unavailable_reason(t, freqs) is None:
+            return fused_rope(t, freqs)
+        return apply_rotary_pos_emb(t, freqs, config=self.config)

@@ -23,23 +23,26 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_layer import TransformerLayerSubmodules
 
 from elas_megatron.config.schema import ModelConfig
-from elas_megatron.layers.attention import SDPAttention
+from elas_megatron.layers.attention import FusedRopeSelfAttention, SDPAttention
 from elas_megatron.layers.low_rank import LowRankQKVColumnParallelLinear, LowRankRowParallelLinear
 from elas_megatron.layers.mlp import cola_mlp_spec, elas_mlp_spec
 from elas_megatron.layers.norm import RMSNorm
 
 __all__ = [
     "ATTENTION_BACKENDS",
+    "ROPE_BACKENDS",
     "VARIANTS",
     "get_final_norm",
     "get_layer_spec",
     "resolve_attention_backend",
+    "resolve_rope_backend",
     "te_available",
 ]
 
 logger = logging.getLogger(__name__)
 
 ATTENTION_BACKENDS = ("auto", "local", "sdpa")
+ROPE_BACKENDS = ("auto", "megatron", "triton")
 _logged: set[str] = set()  # swap messages already logged by this process (log each once)
 
 
@@ -71,6 +74,27 @@ def resolve_attention_backend(requested: str, device: torch.device | str | None 
     else:
         on_cuda = torch.device(device).type == "cuda"
     return "sdpa" if on_cuda else "local"
+
+
+def resolve_rope_backend(requested: str, device: torch.device | str | None = None, *, spec: str = "local") -> str:
+    """``model.rope_backend`` -> ``"megatron"`` or ``"triton"`` (``auto``: triton on CUDA with the local spec).
+
+    Raises:
+        ValueError: unknown name, or ``triton`` where it cannot run (no CUDA device, no Triton, the TE spec).
+    """
+    if requested not in ROPE_BACKENDS:
+        raise ValueError(f"model.rope_backend={requested!r} is unknown; choose one of {ROPE_BACKENDS}")
+    from elas_megatron.kernels.rope import HAS_TRITON, interpreted
+
+    on_cuda = torch.cuda.is_available() if device is None else torch.device(device).type == "cuda"
+    why_not = ("the TE spec applies TE's own fused RoPE" if spec == "te" else
+               "the model is not on a CUDA device" if not on_cuda and not interpreted() else
+               "the `triton` package is not installed" if not HAS_TRITON else None)
+    if requested == "auto":  # never the interpreter: it is for tests
+        return "triton" if why_not is None and on_cuda else "megatron"
+    if requested == "triton" and why_not is not None:
+        raise ValueError(f"model.rope_backend=triton cannot run: {why_not}; use model.rope_backend=auto or megatron")
+    return requested
 
 
 def _name(slot: object) -> str:
@@ -164,7 +188,7 @@ def _stock_spec(model_cfg: ModelConfig) -> ModuleSpec:
 
 
 def get_layer_spec(model_cfg: ModelConfig, *, sequence_parallel: bool = False, attention_backend: str,
-                   kernel_backend: str = "auto") -> ModuleSpec:
+                   kernel_backend: str = "auto", rope_backend: str = "megatron") -> ModuleSpec:
     """The transformer-layer ``ModuleSpec`` of ``model_cfg.variant``.
 
     Args:
@@ -172,6 +196,7 @@ def get_layer_spec(model_cfg: ModelConfig, *, sequence_parallel: bool = False, a
         sequence_parallel: ``parallel.sequence_parallel``; with the local spec the norms become SP-aware.
         attention_backend: ``"local"``, ``"sdpa"`` or ``"auto"`` (see :func:`resolve_attention_backend`).
         kernel_backend: backend of the ELAS sparse core (:mod:`elas_megatron.kernels.dispatch`).
+        rope_backend: ``"megatron"`` or ``"triton"`` (resolved by :func:`resolve_rope_backend`).
     Returns:
         A ``ModuleSpec`` for ``TransformerLayer``, usable as ``GPTModel(transformer_layer_spec=...)``.
     Raises:
@@ -187,6 +212,12 @@ def get_layer_spec(model_cfg: ModelConfig, *, sequence_parallel: bool = False, a
     if backend == "sdpa":
         _swap(layer.self_attention.submodules, "core_attention", SDPAttention, "self_attention",
               "model.attention_backend=sdpa")
+    if rope_backend == "triton":
+        attn = layer.self_attention
+        attn.module = FusedRopeSelfAttention
+        _log_swap(f"self_attention: SelfAttention -> {FusedRopeSelfAttention.__name__} (model.rope_backend=triton)")
+    elif rope_backend != "megatron":
+        raise ValueError(f"rope_backend={rope_backend!r}: resolve it first (resolve_rope_backend)")
     if sequence_parallel and not ctx.te:
         _swap(layer, "input_layernorm", RMSNorm, "layer", "sequence-parallel RMSNorm")
         _swap(layer, "pre_mlp_layernorm", RMSNorm, "layer", "sequence-parallel RMSNorm")

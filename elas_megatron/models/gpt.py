@@ -21,7 +21,13 @@ from megatron.core.transformer.transformer_block import TransformerBlockSubmodul
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from elas_megatron.config.schema import Config
-from elas_megatron.layers.specs import get_final_norm, get_layer_spec, resolve_attention_backend, te_available
+from elas_megatron.layers.specs import (
+    get_final_norm,
+    get_layer_spec,
+    resolve_attention_backend,
+    resolve_rope_backend,
+    te_available,
+)
 from elas_megatron.models.init import initialize_weights
 
 __all__ = ["build_model", "model_device", "resolve_dtype", "transformer_config"]
@@ -148,7 +154,8 @@ def build_model(cfg: Config, *, vocab_size: int, pre_process: bool = True, post_
     device = model_device(cfg)
     sequence_parallel = cfg.parallel.sequence_parallel
     layer_spec = get_layer_spec(cfg.model, sequence_parallel=sequence_parallel,
-                                attention_backend=resolve_attention_backend(cfg.model.attention_backend, device))
+                                attention_backend=resolve_attention_backend(cfg.model.attention_backend, device),
+                                rope_backend=resolve_rope_backend(cfg.model.rope_backend, device, spec=cfg.model.spec))
     block_spec = TransformerBlockSubmodules(
         layer_specs=[layer_spec] * get_num_layers_to_build(tconfig, vp_stage=vp_stage),
         layer_norm=get_final_norm(cfg.model, sequence_parallel=sequence_parallel))
