@@ -205,6 +205,8 @@ class DeepSpeedZeRO:
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=self.container, optimizer=base, config=deepspeed_config(cfg, dp_size=dp_size, bf16=bf16),
             mpu=MegatronMPU(), dist_init_required=False)
+        self.adam_impl = o.adam_impl
+        self._apply_adam_impl()
         self._tp_hooks = self._hook_sequence_parallel_grads(chunks) if cfg.parallel.sequence_parallel else []
         self._pending_epilogue = False
         logger.info("DeepSpeed ZeRO-%d optimizer (%s) over %d model chunk(s), dp=%d", self.stage,
@@ -308,6 +310,13 @@ class DeepSpeedZeRO:
         states = [None] * parallel_state.get_data_parallel_world_size()
         states[parallel_state.get_data_parallel_rank()] = state["optimizer"]
         self.optimizer.load_state_dict(states, load_optimizer_states=True, load_from_fp32_weights=True)
+        self._apply_adam_impl()  # the loaded param groups carry the flags they were saved with
+
+    def _apply_adam_impl(self) -> None:
+        """torch's AdamW under ZeRO (over the fp32 partitions) on ``optim.adam_impl``; see ``use_adam_impl``."""
+        from elas_megatron.training.optim import use_adam_impl
+
+        self.adam_kernel = use_adam_impl(getattr(self.optimizer, "optimizer", self.optimizer), self.adam_impl)
 
     def close(self) -> None:
         for hook in self._tp_hooks:
