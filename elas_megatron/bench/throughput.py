@@ -248,7 +248,8 @@ def measure(spec: WorkerSpec, emit: Callable[[dict], None]) -> None:
            else prefill_flops_per_token(cfg.model, vocab, spec.seq_len))
     base.update(device=torch.cuda.get_device_name() if runner.device.type == "cuda" else "cpu",
                 dtype="bf16" if runner.bf16 else "fp32", init="fast" if use_fast else "exact",
-                attention_backend=runner.attention_backend, flops_per_token=fpt)
+                attention_backend=runner.attention_backend, rope_backend=runner.rope_backend,
+                adam_impl=getattr(runner, "adam_kernel", "-"), flops_per_token=fpt)
     try:
         for b in batches:
             tokens = b * spec.seq_len * base["accumulation"]
@@ -279,7 +280,7 @@ class _TrainRunner:
 
     def __init__(self, cfg, spec: WorkerSpec) -> None:
         from elas_megatron.bench.timing import Clock, ModuleTimer
-        from elas_megatron.layers.specs import resolve_attention_backend
+        from elas_megatron.layers.specs import resolve_attention_backend, resolve_rope_backend
         from elas_megatron.training.trainer import Trainer
 
         self.spec = spec
@@ -287,6 +288,8 @@ class _TrainRunner:
         self.trainer = Trainer(cfg, datasets=(self.data, self.data))
         self.device, self.bf16 = self.trainer.device, self.trainer.bf16
         self.attention_backend = resolve_attention_backend(cfg.model.attention_backend, self.device)
+        self.rope_backend = resolve_rope_backend(cfg.model.rope_backend, self.device, spec=cfg.model.spec)
+        self.adam_kernel = getattr(self.trainer.backend, "adam_kernel", "-")
         self.memory = _Memory(self.device)
         self.clock = Clock(self.device)
         self.timer = ModuleTimer(self.trainer.model, self.clock)
@@ -370,7 +373,7 @@ class _PrefillRunner:
         from megatron.core.transformer.module import Float16Module
 
         from elas_megatron.bench.timing import Clock, ModuleTimer
-        from elas_megatron.layers.specs import resolve_attention_backend
+        from elas_megatron.layers.specs import resolve_attention_backend, resolve_rope_backend
         from elas_megatron.models.gpt import build_model, transformer_config
         from elas_megatron.parallel.setup import initialize_parallel
         from elas_megatron.training.trainer import resolve_bf16
@@ -380,6 +383,7 @@ class _PrefillRunner:
         self.device = info.device
         self.bf16 = resolve_bf16(cfg, self.device)
         self.attention_backend = resolve_attention_backend(cfg.model.attention_backend, self.device)
+        self.rope_backend = resolve_rope_backend(cfg.model.rope_backend, self.device, spec=cfg.model.spec)
         tconfig = transformer_config(cfg)
         model = build_model(cfg, vocab_size=cfg.model.vocab_size, config=tconfig)
         self.gpt = model

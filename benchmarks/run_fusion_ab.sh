@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Fused RoPE + fused AdamW on one lent GPU (<= 9.5 min): their GPU tests, then the 1B training throughput of
+# dense / cola / elas with megatron's unfused RoPE + torch's foreach AdamW ("before") and with the defaults
+# (model.rope_backend=auto -> triton, optim.adam_impl=auto -> fused: "after"), one right after the other on the
+# same machine. Needs .whl/ as run_performance.sh (carry .whl); everything is packed into $OUT/fusion_ab.tgz.
+#   MB (default 24,28,36,40: the largest that fit before were 24 / 24 / 36), PHASES="tests before after"
+set -uo pipefail
+OUT=${OUT:-perf_out}; mkdir -p "$OUT"
+RES=${RES:-/tmp/fusion_ab}; mkdir -p "$RES"
+PHASES=${PHASES:-"tests before after"}
+export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:$PWD
+export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
+want() { [[ " $PHASES " == *" $1 "* ]]; }
+if [[ -z "${SKIP_WHEELS:-}" ]]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+        .whl/*.whl || { echo "wheel install failed"; exit 1; }
+    DS_BUILD_OPS=0 python3 -m pip install -q --no-index --no-deps --no-build-isolation --target /tmp/site \
+        .whl/deepspeed-*.tar.gz > "$RES/deepspeed_install.log" 2>&1 || echo "deepspeed install failed (see log)"
+fi
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null | tee "$RES/device.txt"
+if want tests; then
+    echo "== GPU tests (${SECONDS} s)"
+    timeout -k 10 "${CAP_TESTS:-200}" python3 -m pytest -q -x -p no:cacheprovider tests/gpu/test_rope_gpu.py \
+        > "$RES/tests.log" 2>&1
+    echo "   exit $? after ${SECONDS} s"; tail -3 "$RES/tests.log"
+fi
+TRAIN=(--steps 3 --warmup 2 --profile-steps 1 --isolation variant --seq-lens 1024 --micro-batches "${MB:-24,28,36,40}")
+for phase in before after; do
+    want "$phase" || continue
+    extra=(); [[ $phase == before ]] && extra=(model.rope_backend=megatron optim.adam_impl=foreach)
+    echo "== 1B train, $phase (${SECONDS} s)"
+    timeout -k 10 "${CAP_PHASE:-170}" python3 -m elas_megatron.cli.bench throughput configs/model/1b.yaml "${extra[@]}" \
+        "${TRAIN[@]}" --out "$RES/train_1b_$phase" > "$RES/train_1b_$phase.log" 2>&1
+    echo "   exit $? after ${SECONDS} s"
+    grep -E "^\| (dense|cola|elas|\*\*elas)" "$RES/train_1b_$phase.log" | head -20
+done
+tar czf "$OUT/fusion_ab.tgz" -C "$RES" . && echo "== packed $(du -h "$OUT/fusion_ab.tgz" | cut -f1)"
+echo "== done in ${SECONDS} s"
