@@ -366,7 +366,10 @@ class Trainer:
             for i, chunk in enumerate(models):
                 sd[f"model{i}"] = chunk.sharded_state_dict()
         model_sd = {k: v for k, v in sd.items() if k.startswith("model")}
-        metadata = {"distrib_optim_sharding_type": "dp_reshardable"} if self.device.type == "cpu" else None
+        # megatron-core 0.16's default distributed-optimizer format ("fully_sharded_model_space", deprecated)
+        # builds ShardedTensors with flattened_range, which its own ShardedTensor then refuses: every save with
+        # parallel.zero_stage >= 1 failed on GPU. dp_reshardable is the format the TP/PP resharding tests cover.
+        metadata = {"distrib_optim_sharding_type": "dp_reshardable"}
         optimizer_sd = self.backend.sharded_state_dict(model_sd, is_loading=is_loading, metadata=metadata)
         if optimizer_sd is not None:  # DeepSpeed's ZeRO state is saved per rank instead (save_optimizer)
             sd["optimizer"] = optimizer_sd
