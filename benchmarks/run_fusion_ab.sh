@@ -3,7 +3,8 @@
 # dense / cola / elas with megatron's unfused RoPE + torch's foreach AdamW ("before") and with the defaults
 # (model.rope_backend=auto -> triton, optim.adam_impl=auto -> fused: "after"), one right after the other on the
 # same machine. Needs .whl/ as run_performance.sh (carry .whl); everything is packed into $OUT/fusion_ab.tgz.
-#   MB (default 24,28,36,40: the largest that fit before were 24 / 24 / 36), PHASES="tests before after"
+#   MB (default 24,28,36,40: the largest that fit before were 24 / 24 / 36), VARIANTS (default dense,cola,elas),
+#   PHASES="tests before after", TESTS (default tests/gpu/test_rope_gpu.py)
 set -uo pipefail
 OUT=${OUT:-perf_out}; mkdir -p "$OUT"
 RES=${RES:-/tmp/fusion_ab}; mkdir -p "$RES"
@@ -20,11 +21,12 @@ fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null | tee "$RES/device.txt"
 if want tests; then
     echo "== GPU tests (${SECONDS} s)"
-    timeout -k 10 "${CAP_TESTS:-200}" python3 -m pytest -q -x -p no:cacheprovider tests/gpu/test_rope_gpu.py \
+    timeout -k 10 "${CAP_TESTS:-200}" python3 -m pytest -q -p no:cacheprovider ${TESTS:-tests/gpu/test_rope_gpu.py} \
         > "$RES/tests.log" 2>&1
     echo "   exit $? after ${SECONDS} s"; tail -3 "$RES/tests.log"
 fi
-TRAIN=(--steps 3 --warmup 2 --profile-steps 1 --isolation variant --seq-lens 1024 --micro-batches "${MB:-24,28,36,40}")
+TRAIN=(--steps 3 --warmup 2 --profile-steps 1 --isolation variant --seq-lens 1024 --micro-batches "${MB:-24,28,36,40}"
+       --variants "${VARIANTS:-dense,cola,elas}")
 for phase in before after; do
     want "$phase" || continue
     extra=(); [[ $phase == before ]] && extra=(model.rope_backend=megatron optim.adam_impl=foreach)
