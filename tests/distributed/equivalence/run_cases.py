@@ -25,11 +25,16 @@ import sys
 import time
 from pathlib import Path
 
+import importlib.util
+
 import torch.distributed as dist
 
 from elas_megatron.data.synthetic import SyntheticTokens
 
 STEPS = 5
+# world2 runs under TRITON_INTERPRET=1 (set by the test) so that model.rope_backend=triton runs on CPU tensors;
+# nothing else uses Triton on CPU (the ELAS core's auto backend is the reference there).
+HAVE_TRITON = importlib.util.find_spec("triton") is not None
 VARIANTS = ("dense", "cola", "elas")
 SEQ_LEN, VOCAB = 16, 128
 BASE = [
@@ -60,6 +65,9 @@ def _cases_world2() -> dict[str, list[str]]:
         cases[f"{v}/pp2-recompute-selective"] = var + ["parallel.pp=2", "parallel.recompute=selective"]
         cases[f"{v}/dp2-deepspeed-z2-recompute-ffn"] = var + DS2 + ["parallel.recompute=ffn"]
         cases[f"{v}/pp2-deepspeed-z1-recompute-full"] = var + DS1 + ["parallel.pp=2", "parallel.recompute=full"]
+        if HAVE_TRITON and v != "cola":  # the fused RoPE kernel (Triton's interpreter on CPU) on TP shards + SP
+            cases[f"{v}/tp2-sp-rope-triton"] = var + ["parallel.tp=2", "parallel.sequence_parallel=true",
+                                                      "model.rope_backend=triton"]
     return cases
 
 
