@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install elas-megatron into the current Python environment without ever replacing an existing torch.
 #   bash scripts/install.sh        # the framework (+ megatron-core 0.16.1 on Python < 3.12)
-#   bash scripts/install.sh dev    # + test tools and the optional DeepSpeed backend
+#   bash scripts/install.sh dev    # + test tools (Triton for the kernel tests) and the optional DeepSpeed backend
 # A cluster's CUDA build of torch is kept as it is. Only when no torch is importable does this install one:
 # ${TORCH_SPEC:-torch==2.13.0} (the CPU build on the project's CI machines; set TORCH_SPEC for another build).
 set -euo pipefail
