@@ -164,7 +164,7 @@ class MegatronOptimizer:
         """
         from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
-        for opt in getattr(self.optimizer, "chained_optimizers", [self.optimizer]):
+        for opt in self._chain():
             if isinstance(opt, DistributedOptimizer) and len(opt.optimizer.state) == 0:
                 lrs = [g["lr"] for g in opt.optimizer.param_groups]
                 for g in opt.optimizer.param_groups:
