@@ -12,6 +12,11 @@ Backends:
     (:mod:`elas_megatron.kernels.elas_core`); on CPU (or without Triton) the reference. Logged once.
 Naming a backend explicitly fails loudly (:class:`KernelUnavailableError`) when it cannot run.
 ``sparse=False`` (the dense network) always runs the reference: it is plain cuBLAS work already.
+
+:func:`lowrank_relu2_sparse24_matmul` is the same op with the up-projection's ``h @ B_up`` inside, which is what
+the ELAS FFN calls: on the GPU path (masked gradients) the input gradient ``grad_y1 @ B_up^T`` can then use the
+2:4 pattern as well ("cusparselt" forces it, "auto" times it); everywhere else it is ``h @ B_up`` followed by
+:func:`relu2_sparse24_matmul`.
 """
 from __future__ import annotations
 
@@ -23,7 +28,8 @@ from elas_megatron.kernels.reference import GRAD_MODES, relu2_sparse24_matmul_re
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["BACKENDS", "KernelUnavailableError", "relu2_sparse24_matmul", "gpu_unavailable_reason"]
+__all__ = ["BACKENDS", "KernelUnavailableError", "relu2_sparse24_matmul", "lowrank_relu2_sparse24_matmul",
+           "gpu_unavailable_reason"]
 
 BACKENDS = ("auto", "reference", "triton", "cusparselt")
 
@@ -96,3 +102,38 @@ def relu2_sparse24_matmul(y1: torch.Tensor, weight: torch.Tensor, *, sparse: boo
     _log_once((backend, y1.device.type, y1.dtype), "ELAS core: backend %s -> fused GPU path (%s, forward %s)",
               backend, y1.dtype, fwd)
     return relu2_sparse24_matmul_gpu(y1, weight.to(y1.dtype), grad_mode=grad_mode, fwd=fwd)
+
+
+def lowrank_relu2_sparse24_matmul(h: torch.Tensor, up_weight: torch.Tensor, weight: torch.Tensor, *,
+                                  sparse: bool = True, grad_mode: str = "masked",
+                                  backend: str = "auto") -> torch.Tensor:
+    """``sparse24(relu(h @ up_weight)**2) @ weight``: the ELAS FFN's core from the up-projection's hidden ``h``.
+
+    Args:
+        h: ``[..., r_up]`` ``sigma(x A_up)``.
+        up_weight: ``[r_up, f]`` ``B_up`` (this rank's column shard under TP).
+        weight: ``[f, r]`` ``A_down`` (this rank's row shard under TP).
+        sparse, grad_mode, backend: as :func:`relu2_sparse24_matmul`.
+    Returns:
+        ``[..., r]``.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"kernel backend {backend!r} is unknown; choose one of {BACKENDS}")
+    fused = sparse and grad_mode == "masked" and backend != "reference"
+    if fused:
+        reason = gpu_unavailable_reason(h, "triton" if backend == "auto" else backend)
+        if reason is not None and backend != "auto":
+            raise KernelUnavailableError(f"kernel backend {backend!r} cannot run: {reason}. "
+                                         f"Use backend='auto' (falls back) or 'reference'.")
+        fused = reason is None
+    if not fused:
+        return relu2_sparse24_matmul(torch.matmul(h, up_weight), weight, sparse=sparse, grad_mode=grad_mode,
+                                     backend=backend)
+    from elas_megatron.kernels.elas_core import lowrank_relu2_sparse24_matmul_gpu
+
+    fwd, grad_h = {"auto": ("auto", "auto"), "triton": ("dense-only", "dense"),
+                   "cusparselt": ("cusparselt", "sparse")}[backend]
+    _log_once((backend, "lowrank", h.device.type, h.dtype),
+              "ELAS core (with B_up): backend %s -> fused GPU path (%s, forward %s, grad_h %s)",
+              backend, h.dtype, fwd, grad_h)
+    return lowrank_relu2_sparse24_matmul_gpu(h, up_weight.to(h.dtype), weight.to(h.dtype), fwd=fwd, grad_h=grad_h)

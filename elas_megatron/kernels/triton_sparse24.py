@@ -10,7 +10,8 @@ Kernels (all one pass over the data; layouts in :mod:`elas_megatron.kernels.layo
   * :func:`sparse24_decompress` -- compressed -> dense ``s``.
   * :func:`relu2_sparse24_masked_grad` -- ``grad_y1 = grad_s * 2 * sqrt(s)`` on the kept entries, 0 elsewhere
     (the exact gradient of the sparsified function, as in the reference), reading only the compressed ``s``;
-    optionally writes dense ``s`` in the same pass for the weight-gradient GEMM.
+    optionally writes dense ``s`` in the same pass for the weight-gradient GEMM, and (``..._compressed``)
+    ``grad_y1`` compressed with ``s``'s pattern for the sparse input gradient of the up-projection.
 
 The 2:4 selection is the one of :func:`elas_megatron.sparsity.masks.sparse24_mask` applied to ``relu(y1)``:
 six comparisons per group, ties toward the lower index, NaN as +inf; the GPU tests check it bit for bit.
@@ -36,6 +37,7 @@ __all__ = [
     "relu2_sparse24_compress",
     "sparse24_decompress",
     "relu2_sparse24_masked_grad",
+    "relu2_sparse24_masked_grad_compressed",
 ]
 
 
@@ -248,9 +250,10 @@ if HAS_TRITON:
                  mask=row_ok[:, None] & (cols < n_cols)[None, :])
 
     @triton.jit
-    def _masked_grad_kernel(gs_ptr, vals_ptr, meta_ptr, gy_ptr, dense_ptr, n_rows, n_cols, cols_pad,
-                            stride_g, stride_v, stride_m, stride_gy, stride_d,
-                            BT: tl.constexpr, BF: tl.constexpr, CSLT: tl.constexpr, WRITE_DENSE: tl.constexpr):
+    def _masked_grad_kernel(gs_ptr, vals_ptr, meta_ptr, gy_ptr, dense_ptr, gyc_ptr, n_rows, n_cols, rows_pad,
+                            cols_pad, stride_g, stride_v, stride_m, stride_gy, stride_d, stride_c,
+                            BT: tl.constexpr, BF: tl.constexpr, CSLT: tl.constexpr, WRITE_DENSE: tl.constexpr,
+                            WRITE_COMPRESSED: tl.constexpr):
         G: tl.constexpr = BF // 4
         W: tl.constexpr = BF // 16
         pid_r = tl.program_id(0)
@@ -270,12 +273,23 @@ if HAS_TRITON:
         cols = pid_c * BF + tl.arange(0, BF)
         ok = row_ok[:, None] & (cols < n_cols)[None, :]
         gs = tl.load(gs_ptr + rows[:, None].to(tl.int64) * stride_g + cols[None, :], mask=ok, other=0.0)
-        gy = gs.to(tl.float32) * factor
-        tl.store(gy_ptr + rows[:, None].to(tl.int64) * stride_gy + cols[None, :],
-                 gy.to(gy_ptr.dtype.element_ty), mask=ok)
+        gy = (gs.to(tl.float32) * factor).to(gy_ptr.dtype.element_ty)
+        tl.store(gy_ptr + rows[:, None].to(tl.int64) * stride_gy + cols[None, :], gy, mask=ok)
         if WRITE_DENSE:
             dense = _expand(v0, v1, nib, BT, G)
             tl.store(dense_ptr + rows[:, None].to(tl.int64) * stride_d + cols[None, :], dense, mask=ok)
+        if WRITE_COMPRESSED:
+            # grad_y1 is zero off the pattern, so its kept entries under s's codes are grad_y1 compressed with
+            # s's metadata: a 2:4 operand for the sparse GEMM grad_h = grad_y1 @ B_up^T. Padding rows/features
+            # (up to rows_pad/cols_pad) are written as zeros (gs and v load as 0 there).
+            ga, gb, gc, gd = _split4(gy, BT, G)
+            i0 = nib & 3
+            i1 = nib >> 2
+            c0 = tl.where(i0 == 0, ga, tl.where(i0 == 1, gb, gc))
+            c1 = tl.where(i1 == 3, gd, tl.where(i1 == 2, gc, gb))
+            comp = tl.reshape(tl.join(c0, c1), (BT, BF // 2))
+            c_ok = (rows < rows_pad)[:, None] & (hcols < cols_pad // 2)[None, :]
+            tl.store(gyc_ptr + rows[:, None].to(tl.int64) * stride_c + hcols[None, :], comp, mask=c_ok)
 
 
 # Tile sizes: (rows, features, warps), the fastest of benchmarks/bench_elas_ffn.py's sweep on an H100 (1B shape,
@@ -376,18 +390,53 @@ def relu2_sparse24_masked_grad(grad_s: torch.Tensor, c: Compressed, *, write_den
     Returns:
         ``(grad_y1 [rows, cols] of grad_s.dtype, dense s or None)``.
     """
+    grad_y1, dense, _ = _masked_grad(grad_s, c, write_dense, out, compressed=False)
+    return grad_y1, dense
+
+
+def relu2_sparse24_masked_grad_compressed(grad_s: torch.Tensor, c: Compressed, *, write_dense: bool = False,
+                                          out: torch.Tensor | None = None
+                                          ) -> tuple[torch.Tensor, torch.Tensor | None, Compressed]:
+    """As :func:`relu2_sparse24_masked_grad`, and in the same pass ``grad_y1`` compressed with ``s``'s pattern.
+
+    ``grad_y1`` is zero wherever ``s`` is, so it is 2:4 sparse along the features with exactly ``s``'s codes:
+    only its kept values are written, into a new cuSPARSELt buffer whose metadata is a copy of ``c``'s (1/9 of
+    the buffer). ``torch._cslt_sparse_mm`` then computes the up-projection's input gradient
+    ``grad_y1 @ B_up^T`` on the sparse tensor cores. Needs ``c`` in the ``"cusparselt"`` layout.
+
+    Returns:
+        ``(grad_y1 dense, dense s or None, grad_y1 compressed)``.
+    """
+    if c.layout != "cusparselt":
+        raise ValueError("the compressed gradient reuses s's cuSPARSELt metadata: compress s with "
+                         f"layout='cusparselt' (got {c.layout!r})")
+    return _masked_grad(grad_s, c, write_dense, out, compressed=True)
+
+
+def _masked_grad(grad_s: torch.Tensor, c: Compressed, write_dense: bool, out: torch.Tensor | None,
+                 compressed: bool) -> tuple[torch.Tensor, torch.Tensor | None, Compressed | None]:
     _require_triton()
     grad_s = _check_2d("grad_s", grad_s)
     if tuple(grad_s.shape) != (c.rows, c.cols):
         raise ValueError(f"grad_s shape {tuple(grad_s.shape)} != compressed shape {(c.rows, c.cols)}")
     grad_y1 = torch.empty_like(grad_s) if out is None else out
     dense = torch.empty(c.rows, c.cols, dtype=c.vals.dtype, device=c.vals.device) if write_dense else None
+    gyc = None
+    if compressed:
+        buf = torch.empty_like(c.buffer)
+        n_vals = c.vals.numel()
+        buf[n_vals:].copy_(c.buffer[n_vals:])                                  # same pattern: same metadata
+        vals, meta = _split_cslt_buffer(buf, c.rows_pad, c.cols_pad)
+        gyc = Compressed(vals, meta, buf, c.rows, c.cols, c.rows_pad, c.cols_pad, c.layout)
     bt, bf, nw = _ELEMWISE_TILE
-    grid = (triton.cdiv(c.rows, bt), triton.cdiv(c.cols, bf))
+    rows, cols = (c.rows_pad, c.cols_pad) if compressed else (c.rows, c.cols)
+    grid = (triton.cdiv(rows, bt), triton.cdiv(cols, bf))
     _masked_grad_kernel[grid](grad_s, c.vals, c.meta, grad_y1, dense if dense is not None else grad_y1,
-                              c.rows, c.cols, c.cols_pad,
+                              gyc.vals if gyc is not None else grad_y1,
+                              c.rows, c.cols, c.rows_pad, c.cols_pad,
                               grad_s.stride(0), c.vals.stride(0), _meta_stride(c), grad_y1.stride(0),
                               dense.stride(0) if dense is not None else 0,
+                              gyc.vals.stride(0) if gyc is not None else 0,
                               BT=bt, BF=bf, CSLT=c.layout == "cusparselt", WRITE_DENSE=write_dense,
-                              num_warps=nw)
-    return grad_y1, dense
+                              WRITE_COMPRESSED=compressed, num_warps=nw)
+    return grad_y1, dense, gyc

@@ -245,17 +245,21 @@ class LowRankColumnParallelLinear(_LowRankBase):
         """``[s(/tp), b, in]`` -> ``([s, b, out / tp], None)``; the sequence is gathered under SP."""
         if weight is not None or runtime_gather_output:
             raise NotImplementedError(f"{type(self).__name__} owns its factors and never gathers its output")
+        h = self.hidden(input_)
+        hs = h.split(self.rank, dim=-1) if len(self.part_names) > 1 else (h,)
+        b_factors = self._factors("B")
+        outputs = [torch.matmul(h_p, b_p) for h_p, b_p in zip(hs, b_factors, strict=True)]  # [s, b, out_p / tp]
+        return self._assemble(outputs), None
+
+    def hidden(self, input_: torch.Tensor) -> torch.Tensor:
+        """The first half, ``sigma(x A)`` for all parts ``[s, b, parts * r]``, on every TP rank (the sequence
+        gathered under SP); :class:`elas_megatron.layers.mlp.ElasMLP` multiplies it by ``B`` inside its fused op."""
         a_factors = self._factors("A")
         a = a_factors[0] if len(a_factors) == 1 else torch.cat(a_factors, dim=1)   # [in, parts * r]
         h = self.activation(torch.matmul(input_, a))                                # [s(/tp), b, parts * r]
         if self.sequence_parallel:
-            h = gather_from_sequence_parallel_region(h, tensor_parallel_output_grad=True, group=self.tp_group)
-        else:
-            h = copy_to_tensor_model_parallel_region(h, group=self.tp_group)        # bwd: all-reduce [s, b, parts*r]
-        hs = h.split(self.rank, dim=-1) if len(a_factors) > 1 else (h,)
-        b_factors = self._factors("B")
-        outputs = [torch.matmul(h_p, b_p) for h_p, b_p in zip(hs, b_factors, strict=True)]  # [s, b, out_p / tp]
-        return self._assemble(outputs), None
+            return gather_from_sequence_parallel_region(h, tensor_parallel_output_grad=True, group=self.tp_group)
+        return copy_to_tensor_model_parallel_region(h, group=self.tp_group)         # bwd: all-reduce [s, b, parts*r]
 
     def extra_repr(self) -> str:
         parts = f", parts=({','.join(self.part_names)})" if len(self.part_names) > 1 else ""

@@ -14,7 +14,9 @@
 
   :class:`ElasMLP` computes ``z_i = s_i A_down_i`` for this rank's ``d_ff / tp`` features with the one
   dispatched op :func:`elas_megatron.kernels.dispatch.relu2_sparse24_matmul` (the reference on CPU, fused
-  kernels on GPU), then ``linear_fc2.reduce_and_project`` sums ``z`` over TP (a ``[tokens, r]`` all-reduce,
+  kernels on GPU; :func:`~elas_megatron.kernels.dispatch.lowrank_relu2_sparse24_matmul` takes ``h = sigma(x A_up)``
+  and ``B_up`` so that on the GPU the input gradient ``grad_y1 @ B_up^T`` can use the 2:4 pattern as well), then
+  ``linear_fc2.reduce_and_project`` sums ``z`` over TP (a ``[tokens, r]`` all-reduce,
   or reduce-scatter under sequence parallelism), applies ``sigma`` and ``B_down``. ``d_ff / tp`` is a
   multiple of 4, so 2:4 groups never straddle a TP shard and the sharded result equals the unsharded one.
 """
@@ -29,7 +31,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.utils import get_tensor_model_parallel_group_if_none
 
-from elas_megatron.kernels.dispatch import relu2_sparse24_matmul
+from elas_megatron.kernels.dispatch import lowrank_relu2_sparse24_matmul, relu2_sparse24_matmul
 from elas_megatron.layers.low_rank import LowRankColumnParallelLinear, LowRankRowParallelLinear
 
 __all__ = ["GRAD_MODES", "ElasMLP", "cola_mlp_spec", "elas_mlp_spec"]
@@ -136,12 +138,22 @@ class ElasMLP(MegatronModule):
         """``[s(/tp), b, h]`` -> ``([s(/tp), b, h], None)``. Extra keywords (``padding_mask``) are ignored."""
         if per_token_scale is not None:
             raise NotImplementedError("ElasMLP does not support per_token_scale (MoE only)")
-        y1, _ = self.linear_fc1(hidden_states)                                  # [s, b, d_ff / tp]
         sparse = self.is_sparse
-        if self.track_density:
-            self.last_density = _density(y1, sparse)
-        z = relu2_sparse24_matmul(y1, self.linear_fc2.A, sparse=sparse, grad_mode=self.sparse24_grad,
-                                  backend=self.kernel_backend)                  # [s, b, r] partial over TP
+        fc1 = self.linear_fc1
+        if isinstance(fc1, LowRankColumnParallelLinear) and len(fc1.part_names) == 1:
+            # B_up inside the op: on the GPU its input gradient can use the 2:4 pattern too.
+            h = fc1.hidden(hidden_states)                                        # [s, b, r]
+            if self.track_density:
+                with torch.no_grad():
+                    self.last_density = _density(torch.matmul(h, fc1.B), sparse)
+            z = lowrank_relu2_sparse24_matmul(h, fc1.B, self.linear_fc2.A, sparse=sparse,
+                                              grad_mode=self.sparse24_grad, backend=self.kernel_backend)
+        else:
+            y1, _ = fc1(hidden_states)                                           # [s, b, d_ff / tp]
+            if self.track_density:
+                self.last_density = _density(y1, sparse)
+            z = relu2_sparse24_matmul(y1, self.linear_fc2.A, sparse=sparse, grad_mode=self.sparse24_grad,
+                                      backend=self.kernel_backend)              # [s, b, r] partial over TP
         return self.linear_fc2.reduce_and_project(z)                            # [s(/tp), b, h]
 
     def backward_dw(self) -> None:

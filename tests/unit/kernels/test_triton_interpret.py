@@ -18,7 +18,7 @@ pytest.importorskip("triton")
 SCRIPT = textwrap.dedent("""
     import torch
     from elas_megatron.kernels import layout as L, triton_sparse24 as tk
-    from elas_megatron.kernels.elas_core import _Relu2Sparse24MatmulGPU
+    from elas_megatron.kernels.elas_core import _LowRankRelu2Sparse24GPU, _Relu2Sparse24MatmulGPU
     from elas_megatron.kernels.reference import relu2_sparse24_matmul_reference
     from elas_megatron.sparsity.masks import sparse24_mask
     torch.manual_seed(0)
@@ -40,6 +40,31 @@ SCRIPT = textwrap.dedent("""
         gy, d2 = tk.relu2_sparse24_masked_grad(gs, c, write_dense=True)
         assert torch.equal(d2, s)
         torch.testing.assert_close(gy, gs * 2 * torch.sqrt(s))
+    # grad_y1 compressed with s's pattern (cuSPARSELt layout, padded to 128): the operand of the sparse grad_h GEMM
+    for rows, cols in [(37, 96), (130, 132)]:
+        y = torch.randn(rows, cols).bfloat16()
+        c, _ = tk.relu2_sparse24_compress(y, layout="cusparselt")
+        gs = torch.randn(rows, cols).bfloat16()
+        gy, _, gyc = tk.relu2_sparse24_masked_grad_compressed(gs, c)
+        gy_ref, _ = tk.relu2_sparse24_masked_grad(gs, c)
+        assert torch.equal(gy, gy_ref)
+        pad = (0, c.cols_pad - cols, 0, c.rows_pad - rows)
+        vals, words = L.unpack_cslt_buffer(gyc.buffer, c.rows_pad, c.cols_pad)
+        _, s_words = L.unpack_cslt_buffer(c.buffer, c.rows_pad, c.cols_pad)
+        assert torch.equal(words, s_words)
+        assert torch.equal(L.decompress_reference(vals, words), torch.nn.functional.pad(gy, pad))
+        assert not vals[rows:].any()
+    # the op with B_up inside (grad_h through cuBLAS here; its sparse variant needs cuSPARSELt, tests/gpu)
+    h = torch.randn(2, 37, 16, requires_grad=True)
+    up = (torch.randn(16, 96) / 4).requires_grad_()
+    w = (torch.randn(96, 24) / 10).requires_grad_()
+    z = _LowRankRelu2Sparse24GPU.apply(h, up, w, "cublas", "cublas", "dense")
+    gz = torch.randn_like(z)
+    got = (z, *torch.autograd.grad(z, (h, up, w), gz))
+    z2 = relu2_sparse24_matmul_reference(h @ up, w)
+    want = (z2, *torch.autograd.grad(z2, (h, up, w), gz))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
     for mode in ("masked", "dense"):
         y = torch.randn(2, 37, 96, requires_grad=True)
         w = (torch.randn(96, 24) / 10).requires_grad_()
