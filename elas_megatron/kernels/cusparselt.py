@@ -5,17 +5,23 @@ forward (arXiv 2605.03667, Sec. 3), with the capability checks and a per-shape a
 The sparse operand is the activation ``s [T, F]`` (2:4 along F, the GEMM's K), already compressed by
 :func:`elas_megatron.kernels.triton_sparse24.relu2_sparse24_compress` in cuSPARSELt's own format, so no
 ``torch._cslt_compress`` pass is needed. Only 16-bit dtypes (fp32 uses 1:2 sparsity in cuSPARSELt, not 2:4).
+The GEMM runs through :mod:`elas_megatron.kernels.cusparselt_lib` (the same library, plans cached per shape)
+when its one-time self-check passes, else through ``torch._cslt_sparse_mm``.
 """
 from __future__ import annotations
 
 import functools
 import logging
+import os
 
 import torch
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["cusparselt_unavailable_reason", "cslt_mm", "cslt_search_alg_id", "CsltConfig"]
+__all__ = ["cusparselt_unavailable_reason", "cslt_mm", "cslt_search_alg_id", "CsltConfig", "IMPL_ENV"]
+
+IMPL_ENV = "ELAS_CUSPARSELT_IMPL"
+"""Overrides how :func:`cslt_mm` reaches cuSPARSELt: ``lib`` (cached plans) or ``torch`` (the escape hatch)."""
 
 
 @functools.lru_cache(maxsize=None)
@@ -94,16 +100,45 @@ def _as_2d(buffer: torch.Tensor, k: int) -> torch.Tensor:
     return buffer.view(m, -1)
 
 
-def cslt_mm(buffer: torch.Tensor, weight: torch.Tensor, cfg: CsltConfig | None = None) -> torch.Tensor:
+def cslt_mm(buffer: torch.Tensor, weight: torch.Tensor, cfg: CsltConfig | None = None, *,
+            impl: str = "auto") -> torch.Tensor:
     """``s @ weight`` with ``s`` in cuSPARSELt's compressed ``buffer`` (``[m, k]``, k = ``weight.shape[0]``).
 
+    Args:
+        impl: ``"lib"``: our ctypes binding with the plan cached per shape
+            (:mod:`elas_megatron.kernels.cusparselt_lib`); ``"torch"``: ``torch._cslt_sparse_mm`` (re-plans every
+            call); ``"auto"``: the environment variable ``ELAS_CUSPARSELT_IMPL`` (``lib``/``torch``) when set,
+            else the binding where its one-time self-check against PyTorch passed, else PyTorch.
     Returns:
         ``[m, n]`` (a transposed view when ``cfg.transpose_result``).
     """
     cfg = cfg or CsltConfig()
-    out = torch._cslt_sparse_mm(_as_2d(buffer, weight.shape[0]), _dense_operand(weight, cfg), alg_id=cfg.alg_id,
-                                transpose_result=cfg.transpose_result)
+    a, b = _as_2d(buffer, weight.shape[0]), _dense_operand(weight, cfg)
+    if impl == "auto":
+        impl = os.environ.get(IMPL_ENV) or ("lib" if _binding_ok(a.device, a.dtype) else "torch")
+    if impl == "lib":
+        from elas_megatron.kernels.cusparselt_lib import lib_mm
+
+        out = lib_mm(a, b, weight_col_major=cfg.weight_col_major, transpose_result=cfg.transpose_result,
+                     alg_id=cfg.alg_id)
+    elif impl == "torch":
+        out = torch._cslt_sparse_mm(a, b, alg_id=cfg.alg_id, transpose_result=cfg.transpose_result)
+    else:
+        raise ValueError(f"impl={impl!r} (argument or {IMPL_ENV}): choose 'auto', 'lib' or 'torch'")
     return out.t() if cfg.transpose_result else out
+
+
+@functools.lru_cache(maxsize=None)
+def _binding_ok(device: torch.device, dtype: torch.dtype) -> bool:
+    from elas_megatron.kernels.cusparselt_lib import binding_unavailable_reason
+
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    reason = binding_unavailable_reason(index, dtype)
+    if reason is None:
+        logger.info("cuSPARSELt: direct binding with cached plans on cuda:%d (%s)", index, dtype)
+    else:
+        logger.warning("cuSPARSELt: using torch._cslt_sparse_mm (re-plans every call): %s", reason)
+    return reason is None
 
 
 def cslt_search_alg_id(buffer: torch.Tensor, weight: torch.Tensor, cfg: CsltConfig) -> int:
