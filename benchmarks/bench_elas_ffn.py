@@ -9,8 +9,10 @@ Times are medians of CUDA-event-timed repetitions after warm-up (as the anchor p
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
+import os
 import statistics
 import sys
 import traceback
@@ -21,8 +23,9 @@ import torch.nn.functional as F
 from elas_megatron.kernels import cusparselt as cslt
 from elas_megatron.kernels import triton_gemm as tg
 from elas_megatron.kernels import triton_sparse24 as tk
-from elas_megatron.kernels.dispatch import relu2_sparse24_matmul
-from elas_megatron.kernels.elas_core import plan_cache, relu2_sparse24_matmul_gpu
+from elas_megatron.kernels.dispatch import lowrank_relu2_sparse24_matmul, relu2_sparse24_matmul
+from elas_megatron.kernels.elas_core import (lowrank_relu2_sparse24_matmul_gpu, plan_cache,
+                                             relu2_sparse24_matmul_gpu)
 
 logger = logging.getLogger("bench_elas_ffn")
 RESULTS: dict = {}
@@ -211,6 +214,83 @@ def gemms(tokens):
     table("GEMMs of the core (ms)", ["shape", "T", "GEMM", "ms"], rows)
 
 
+@contextlib.contextmanager
+def cslt_impl(impl):
+    """Route every cuSPARSELt GEMM through ``impl`` ("lib": cached plans, "torch": torch._cslt_sparse_mm)."""
+    old = os.environ.get(cslt.IMPL_ENV)
+    os.environ[cslt.IMPL_ENV] = impl
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(cslt.IMPL_ENV)
+        else:
+            os.environ[cslt.IMPL_ENV] = old
+
+
+def _best_cfg(buffer, w):
+    best = None
+    for col_major in (False, True):
+        for tres in (False, True):
+            cfg = cslt.CsltConfig(0, col_major, tres)
+            try:
+                cfg.alg_id = cslt.cslt_search_alg_id(buffer, w, cfg)
+            except RuntimeError as exc:
+                print("search failed", exc)
+            ms = bench(lambda: cslt.cslt_mm(buffer, w, cfg, impl="lib"))
+            if best is None or ms < best[0]:
+                best = (ms, cfg)
+    return best[1]
+
+
+@section
+def sparse_backward(tokens):
+    """The pieces of the sparse grad_h and of the cuSPARSELt binding, each synchronized after every call (so a
+    call's host time shows when it exceeds its GPU time) and back to back (host time hidden)."""
+    rows = []
+    for name, (d, f, r) in SHAPES.items():
+        for t in tokens:
+            y = torch.randn(t, f, device="cuda", dtype=torch.bfloat16)
+            w = torch.randn(f, r, device="cuda", dtype=torch.bfloat16) / f ** 0.5
+            up = torch.randn(r, f, device="cuda", dtype=torch.bfloat16) / r ** 0.5
+            c, s = tk.relu2_sparse24_compress(y, layout="cusparselt", write_dense=True)
+            gs = torch.randn(t, f, device="cuda", dtype=torch.bfloat16)
+            gy = torch.empty_like(gs)
+            _, _, gyc = tk.relu2_sparse24_masked_grad_compressed(gs, c, out=gy)
+            up_t = up.t()
+            cfg_f, cfg_h = _best_cfg(c.buffer, w), _best_cfg(gyc.buffer, up_t)
+
+            def b2b(fn, n=10):
+                def run():
+                    for _ in range(n):
+                        fn()
+                return bench(run, iters=5, warm=1) / n
+
+            for label, fn in {
+                "fwd s @ A_down: cuBLAS (dense s)": lambda: s @ w,
+                "fwd s @ A_down: cuSPARSELt via torch._cslt_sparse_mm": lambda: cslt.cslt_mm(c.buffer, w, cfg_f,
+                                                                                              impl="torch"),
+                "fwd s @ A_down: cuSPARSELt via our binding (cached plan)": lambda: cslt.cslt_mm(c.buffer, w, cfg_f,
+                                                                                                 impl="lib"),
+                "grad_h = grad_y1 @ B_up^T: cuBLAS (dense grad_y1)": lambda: gy @ up_t,
+                "grad_h: cuSPARSELt via torch._cslt_sparse_mm": lambda: cslt.cslt_mm(gyc.buffer, up_t, cfg_h,
+                                                                                     impl="torch"),
+                "grad_h: cuSPARSELt via our binding (cached plan)": lambda: cslt.cslt_mm(gyc.buffer, up_t, cfg_h,
+                                                                                         impl="lib"),
+                "masked-grad pass (+ dense s)": lambda: tk.relu2_sparse24_masked_grad(gs, c, write_dense=True,
+                                                                                     out=gy),
+                "masked-grad pass (+ dense s) + compressed grad_y1": lambda: tk.relu2_sparse24_masked_grad_compressed(
+                    gs, c, write_dense=True, out=gy),
+            }.items():
+                rows.append([name, t, label, f"{bench(fn):.3f}", f"{b2b(fn):.3f}"])
+            RESULTS.setdefault("sparse_backward_cfg", {})[f"{name} {t}"] = {"fwd": repr(cfg_f), "grad_h": repr(cfg_h)}
+            del y, c, s, gs, gy, gyc
+            torch.cuda.empty_cache()
+    table("Sparse-GEMM pieces (ms): one synchronized call / back-to-back mean",
+          ["shape", "T", "piece", "synchronized", "back to back"], rows)
+    RESULTS["sparse_backward"] = rows
+
+
 def _fwd_bwd(fn, inputs, grad):
     def run():
         out = fn()
@@ -287,8 +367,15 @@ def ffn(tokens):
             def lr(v, a, b):
                 return F.silu(v @ a) @ b
 
-            def elas(backend):
+            def elas_outside(backend):   # B_up outside the op (sessions 1-3): grad_h always dense cuBLAS
                 return lambda: F.silu(relu2_sparse24_matmul(lr(x, au, bu), ad, backend=backend)) @ bd
+
+            def elas(backend):            # as ElasMLP runs it: B_up inside the op
+                return lambda: F.silu(lowrank_relu2_sparse24_matmul(F.silu(x @ au), bu, ad, backend=backend)) @ bd
+
+            def elas_dense_grad_h():
+                return lambda: F.silu(lowrank_relu2_sparse24_matmul_gpu(F.silu(x @ au), bu, ad,
+                                                                        grad_h="dense")) @ bd
 
             variants = {
                 "cola SwiGLU (low-rank)": lambda: lr(F.silu(lr(x, ag, bg)) * lr(x, au, bu), ad, bd),
@@ -296,25 +383,18 @@ def ffn(tokens):
                 "elas reference (torch 2:4)": elas("reference"),
                 "elas GPU triton": elas("triton"),
                 "elas GPU cusparselt": elas("cusparselt"),
+                "elas GPU auto, B_up outside the op (before)": elas_outside("auto"),
+                "elas GPU auto, grad_h forced dense": elas_dense_grad_h(),
+                "elas GPU auto, torch._cslt_sparse_mm": ("torch", elas("auto")),
                 "elas GPU auto": elas("auto"),
             }
             res = {}
             for label, fn in variants.items():
-                with torch.no_grad():
-                    fwd = bench(fn)
-                fb = bench(_fwd_bwd(fn, params, go))
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
-                base_mem = torch.cuda.memory_allocated()
-                out, saved = _saved_bytes(fn)
-                out.backward(go)
-                for q in params:
-                    q.grad = None
-                del out
-                peak = torch.cuda.max_memory_allocated() - base_mem
-                res[label] = (fwd, fb, saved, peak)
-                RESULTS.setdefault("ffn", []).append({"shape": name, "T": t, "variant": label, "fwd_ms": fwd,
-                                                      "fwd_bwd_ms": fb, "saved_bytes": saved, "peak_bytes": peak})
+                impl = "auto"
+                if isinstance(fn, tuple):
+                    impl, fn = fn
+                with cslt_impl(impl) if impl != "auto" else contextlib.nullcontext():
+                    res[label] = _measure_ffn(fn, params, go, name, t, label)
             cola = res["cola SwiGLU (low-rank)"]
             dense = res["elas computed dense"]
             for label, (fwd, fb, saved, peak) in res.items():
@@ -325,6 +405,24 @@ def ffn(tokens):
     table("Low-rank FFN, bf16 (ms; speed-up of fwd+bwd vs cola SwiGLU and vs elas computed dense; "
           "GiB saved for backward by the FFN; peak GiB over fwd+bwd)",
           ["shape", "T", "variant", "fwd", "fwd+bwd", "vs cola", "vs elas dense", "saved GiB", "peak GiB"], rows)
+
+
+def _measure_ffn(fn, params, go, name, t, label):
+    with torch.no_grad():
+        fwd = bench(fn)
+    fb = bench(_fwd_bwd(fn, params, go))
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base_mem = torch.cuda.memory_allocated()
+    out, saved = _saved_bytes(fn)
+    out.backward(go)
+    for q in params:
+        q.grad = None
+    del out
+    peak = torch.cuda.max_memory_allocated() - base_mem
+    RESULTS.setdefault("ffn", []).append({"shape": name, "T": t, "variant": label, "fwd_ms": fwd,
+                                          "fwd_bwd_ms": fb, "saved_bytes": saved, "peak_bytes": peak})
+    return fwd, fb, saved, peak
 
 
 def main() -> None:
@@ -343,8 +441,9 @@ def main() -> None:
                       "argv": sys.argv}
     sections = {"ceilings": lambda: ceilings(), "tiles": lambda: tile_sweep(), "gemm_tiles": lambda: gemm_tile_sweep(),
                 "fused": lambda: fused_kernels(tokens),
-                "gemms": lambda: gemms(tokens), "core": lambda: core_op(tokens), "ffn": lambda: ffn(tokens)}
-    only = args.only.split(",") if args.only else ["ceilings", "fused", "core", "ffn", "gemms"]
+                "gemms": lambda: gemms(tokens), "core": lambda: core_op(tokens), "ffn": lambda: ffn(tokens),
+                "sparse_bwd": lambda: sparse_backward(tokens)}
+    only = args.only.split(",") if args.only else ["ceilings", "fused", "core", "ffn", "gemms", "sparse_bwd"]
     for key in only:
         sections[key]()
     if args.json:

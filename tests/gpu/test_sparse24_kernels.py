@@ -211,3 +211,112 @@ def test_auto_caches_a_plan_per_shape():
     relu2_sparse24_matmul(y, w, backend="auto")
     relu2_sparse24_matmul(y, w, backend="auto")
     assert len(plan_cache()) == before + 1
+
+
+# --- the op with B_up inside: sparse input gradient of the up-projection; the direct cuSPARSELt binding -----------
+
+from elas_megatron.kernels import cusparselt_lib  # noqa: E402
+from elas_megatron.kernels.dispatch import lowrank_relu2_sparse24_matmul  # noqa: E402
+from elas_megatron.kernels.elas_core import lowrank_relu2_sparse24_matmul_gpu  # noqa: E402
+
+LOWRANK_SHAPES = [(1000, 32, 256, 64), (130, 24, 100, 24), (2, 333, 48, 512, 96), (4096 + 7, 64, 704, 128)]
+
+
+def _run_lowrank(fn, h, up, w, gz):
+    h, up, w = (t.detach().clone().requires_grad_() for t in (h, up, w))
+    z = fn(h, up, w)
+    return (z, *torch.autograd.grad(z, (h, up, w), gz))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", LOWRANK_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("path", [("cublas", "dense"), ("cublas", "sparse"), ("cusparselt", "sparse"),
+                                  ("cusparselt", "dense"), ("auto", "auto"), "backend=auto", "backend=cusparselt"],
+                         ids=str)
+def test_lowrank_op_matches_reference(dtype, shape, path):
+    """z, grad_h, grad_B_up, grad_A_down of sparse24(relu(h @ B_up)^2) @ A_down against the reference."""
+    if "sparse" in str(path) or "cusparselt" in str(path):
+        _needs_cslt(dtype, engine=True)
+    *lead, r_up, f, r = shape
+    n_tok = 1
+    for d in lead:
+        n_tok *= d
+    g = torch.Generator(device="cuda").manual_seed(2)
+    h = torch.randn(*lead, r_up, device="cuda", generator=g).to(dtype)
+    up = (torch.randn(r_up, f, device="cuda", generator=g) / r_up ** 0.5).to(dtype)
+    w = (torch.randn(f, r, device="cuda", generator=g) / f ** 0.5).to(dtype)
+    gz = (torch.randn(*lead, r, device="cuda", generator=g) / n_tok ** 0.5).to(dtype)
+    if isinstance(path, tuple):
+        def fn(a, b, c):
+            return lowrank_relu2_sparse24_matmul_gpu(a, b, c, fwd=path[0], bwd="cublas", grad_h=path[1])
+    else:
+        def fn(a, b, c):
+            return lowrank_relu2_sparse24_matmul(a, b, c, backend=path.split("=")[1])
+    ref = _run_lowrank(lambda a, b, c: relu2_sparse24_matmul_reference(a @ b, c), h, up, w, gz)
+    out = _run_lowrank(fn, h, up, w, gz)
+    for name, a, b in zip(("z", "grad_h", "grad_B_up", "grad_A_down"), out, ref):
+        assert a.shape == b.shape and a.dtype == b.dtype, name
+        torch.testing.assert_close(a.float(), b.float(), **TOL[dtype], msg=lambda m: f"{name}: {m}")
+
+
+def test_lowrank_sparse_grad_h_plan_and_saved_bytes():
+    """Forced grad_h='sparse' really takes the sparse path; the op saves h + compressed s (+ weights) only."""
+    _needs_cslt(torch.bfloat16, engine=True)
+    h = torch.randn(1000, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    up = (torch.randn(64, 512, device="cuda") / 8).to(torch.bfloat16).requires_grad_()
+    w = (torch.randn(512, 64, device="cuda") / 512 ** 0.5).to(torch.bfloat16).requires_grad_()
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        z = lowrank_relu2_sparse24_matmul_gpu(h, up, w, fwd="cublas", bwd="cublas", grad_h="sparse")
+    act = [t for t in saved if t.data_ptr() not in (up.data_ptr(), w.data_ptr(), h.data_ptr())]
+    assert sum(t.numel() * t.element_size() for t in act) == 1024 * 512 * 9 // 16 * 2   # cuSPARSELt layout, padded
+    plans = [p for k, p in plan_cache().items() if k[-1] == (64, "sparse") and k[0] == (1000, 512)]
+    assert plans and plans[-1].grad_h == "sparse" and plans[-1].layout == "cusparselt"
+    z.float().sum().backward()
+    assert h.grad is not None and torch.isfinite(h.grad.float()).all()
+
+
+@pytest.mark.parametrize("rows,cols", [(1000, 640), (128, 128), (4099, 704)])
+def test_masked_grad_compressed_feeds_the_sparse_gemm(rows, cols):
+    _needs_cslt(torch.bfloat16, engine=True)
+    y = _y1(rows, cols, torch.bfloat16)
+    c, _ = tk.relu2_sparse24_compress(y, layout="cusparselt")
+    gs = torch.randn(rows, cols, device="cuda").to(torch.bfloat16)
+    gy, _, gyc = tk.relu2_sparse24_masked_grad_compressed(gs, c)
+    assert torch.equal(_bits(tk.sparse24_decompress(gyc)), _bits(gy))
+    up = (torch.randn(96, cols, device="cuda") / cols ** 0.5).to(torch.bfloat16)
+    w = torch.nn.functional.pad(up.t(), (0, 0, 0, c.cols_pad - cols))
+    for cfg in (cslt.CsltConfig(), cslt.CsltConfig(0, True, False), cslt.CsltConfig(0, False, True)):
+        got = cslt.cslt_mm(gyc.buffer, w, cfg)[:rows]
+        torch.testing.assert_close(got.float(), gy.float() @ up.float().t(), **TOL[torch.bfloat16])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("m,k,n", [(128, 128, 64), (1024, 768, 96), (4096, 5632, 512), (384, 1024, 1024)])
+def test_cusparselt_binding_is_bit_identical_to_torch(dtype, m, k, n):
+    """The ctypes binding (cached plans) returns exactly torch._cslt_sparse_mm's bytes for every configuration."""
+    _needs_cslt(dtype)
+    reason = cusparselt_lib.binding_unavailable_reason(torch.cuda.current_device(), dtype)
+    assert reason is None, reason
+    y = (_y1(m, k, torch.float32, specials=False).abs() + 0.1).to(dtype)
+    c, dense = tk.relu2_sparse24_compress(y, layout="cusparselt", write_dense=True)
+    weight = (torch.randn(k, n, device="cuda") / k ** 0.5).to(dtype)
+    for col_major in (False, True):
+        for transpose_result in (False, True):
+            base = cslt.CsltConfig(0, col_major, transpose_result)
+            algs = {0, cslt.cslt_search_alg_id(c.buffer, weight, base)}
+            for alg in sorted(algs):
+                cfg = cslt.CsltConfig(alg, col_major, transpose_result)
+                want = cslt.cslt_mm(c.buffer, weight, cfg, impl="torch")
+                got = cslt.cslt_mm(c.buffer, weight, cfg, impl="lib")
+                assert got.shape == want.shape and got.stride() == want.stride(), cfg
+                assert torch.equal(got, want), cfg
+                torch.testing.assert_close(got.float(), dense.float() @ weight.float(), **TOL[dtype])
+    before = len(cusparselt_lib._PLANS)
+    cslt.cslt_mm(c.buffer, weight, cslt.CsltConfig(), impl="lib")
+    assert len(cusparselt_lib._PLANS) == before                      # the plan is reused, not rebuilt
