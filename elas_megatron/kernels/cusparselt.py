@@ -18,7 +18,8 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["cusparselt_unavailable_reason", "cslt_mm", "cslt_search_alg_id", "CsltConfig", "IMPL_ENV"]
+__all__ = ["cusparselt_unavailable_reason", "cslt_mm", "cslt_search_alg_id", "CsltConfig", "IMPL_ENV",
+           "transposed_result_ok"]
 
 IMPL_ENV = "ELAS_CUSPARSELT_IMPL"
 """Overrides how :func:`cslt_mm` reaches cuSPARSELt: ``lib`` (cached plans) or ``torch`` (the escape hatch)."""
@@ -48,11 +49,7 @@ def cusparselt_unavailable_reason(device: torch.device | None = None, dtype: tor
     index = torch.cuda.current_device() if device is None or device.index is None else device.index
     reason = _device_reason(index)
     if reason is None and dtype is not None:
-        if dtype == torch.float16:
-            # TODO(kernels): an fp16 run of the cuSPARSELt path (searched algorithms + fused backward on its
-            # layout) hit "illegal instruction" on an H100 (torch 2.11, cuSPARSELt 0.8); bf16 passes. #4
-            return "the cuSPARSELt path is enabled for bfloat16 only (fp16 crashed on an H100, see docs/kernels.md)"
-        if dtype != torch.bfloat16:
+        if dtype not in (torch.bfloat16, torch.float16):
             return f"cuSPARSELt 2:4 needs a 16-bit dtype, got {dtype}"
         reason = _layout_reason(index, dtype)
     return reason
@@ -113,6 +110,8 @@ def cslt_mm(buffer: torch.Tensor, weight: torch.Tensor, cfg: CsltConfig | None =
         ``[m, n]`` (a transposed view when ``cfg.transpose_result``).
     """
     cfg = cfg or CsltConfig()
+    if cfg.transpose_result and not transposed_result_ok(buffer.dtype):
+        raise ValueError(f"{cfg!r}: a column-major result is not used for {buffer.dtype} (see transposed_result_ok)")
     a, b = _as_2d(buffer, weight.shape[0]), _dense_operand(weight, cfg)
     if impl == "auto":
         impl = os.environ.get(IMPL_ENV) or ("lib" if _binding_ok(a.device, a.dtype) else "torch")
@@ -139,6 +138,17 @@ def _binding_ok(device: torch.device, dtype: torch.dtype) -> bool:
     else:
         logger.warning("cuSPARSELt: using torch._cslt_sparse_mm (re-plans every call): %s", reason)
     return reason is None
+
+
+def transposed_result_ok(dtype: torch.dtype) -> bool:
+    """Whether configurations with a column-major result (``transpose_result``) may be used for ``dtype``.
+
+    Not for fp16: on an H100 (torch 2.11, cuSPARSELt 0.8) cuSPARSELt's algorithm search for an fp16 GEMM with a
+    column-major result failed with "internal error" followed by "illegal instruction" (poisoning the CUDA
+    context), already at 128x128x64; fp16 with a row-major result and every bf16 configuration pass. This was
+    the fp16 fault seen in session 1 (docs/kernels.md).
+    """
+    return dtype != torch.float16
 
 
 def cslt_search_alg_id(buffer: torch.Tensor, weight: torch.Tensor, cfg: CsltConfig) -> int:

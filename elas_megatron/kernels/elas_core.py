@@ -313,8 +313,9 @@ def _cslt_configs(y2d: torch.Tensor, weight: torch.Tensor) -> list[cslt.CsltConf
 def _cslt_configs_for(buffer: torch.Tensor, w: torch.Tensor) -> list[cslt.CsltConfig]:
     """Algorithm 0 and cuSPARSELt's own pick, for each dense-operand order and result order."""
     configs = []
+    orders = (False, True) if cslt.transposed_result_ok(buffer.dtype) else (False,)
     for col_major in (False, True):
-        for transpose_result in (False, True):
+        for transpose_result in orders:
             base = cslt.CsltConfig(0, col_major, transpose_result)
             alg_ids = {0}
             try:
