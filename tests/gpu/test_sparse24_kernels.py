@@ -182,9 +182,8 @@ def test_fused_forward_writes_the_compressed_activation():
     torch.testing.assert_close(z.float(), s.float() @ w.float(), **TOL[torch.bfloat16])
 
 
-def test_masked_mode_saves_only_compressed_activation():
-    y = _y1(1000, 512, torch.bfloat16).requires_grad_()
-    w = (torch.randn(512, 64, device="cuda") / 512 ** 0.5).to(torch.bfloat16).requires_grad_()
+def _saved_for_backward(fn):
+    """``(fn(), the tensors autograd saved while it ran)``."""
     saved = []
 
     def pack(t):
@@ -192,7 +191,14 @@ def test_masked_mode_saves_only_compressed_activation():
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        relu2_sparse24_matmul(y, w, backend="triton")
+        out = fn()
+    return out, saved
+
+
+def test_masked_mode_saves_only_compressed_activation():
+    y = _y1(1000, 512, torch.bfloat16).requires_grad_()
+    w = (torch.randn(512, 64, device="cuda") / 512 ** 0.5).to(torch.bfloat16).requires_grad_()
+    _, saved = _saved_for_backward(lambda: relu2_sparse24_matmul(y, w, backend="triton"))
     act = [t for t in saved if t.data_ptr() != w.data_ptr()]
     nbytes = sum(t.numel() * t.element_size() for t in act)
     assert nbytes == L.compressed_nbytes(1000, 512, torch.bfloat16)
@@ -269,14 +275,8 @@ def test_lowrank_sparse_grad_h_plan_and_saved_bytes():
     h = torch.randn(1000, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     up = (torch.randn(64, 512, device="cuda") / 8).to(torch.bfloat16).requires_grad_()
     w = (torch.randn(512, 64, device="cuda") / 512 ** 0.5).to(torch.bfloat16).requires_grad_()
-    saved = []
-
-    def pack(t):
-        saved.append(t)
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        z = lowrank_relu2_sparse24_matmul_gpu(h, up, w, fwd="cublas", bwd="cublas", grad_h="sparse")
+    z, saved = _saved_for_backward(
+        lambda: lowrank_relu2_sparse24_matmul_gpu(h, up, w, fwd="cublas", bwd="cublas", grad_h="sparse"))
     act = [t for t in saved if t.data_ptr() not in (up.data_ptr(), w.data_ptr(), h.data_ptr())]
     assert sum(t.numel() * t.element_size() for t in act) == 1024 * 512 * 9 // 16 * 2   # cuSPARSELt layout, padded
     plans = [p for k, p in plan_cache().items() if k[-1] == (64, "sparse") and k[0] == (1000, 512)]
