@@ -7,6 +7,9 @@
   subprocess per configuration; results.json/csv, report.md (printed) and throughput.png in ``--out``.
 * ``elas-bench quality --sizes 60m [--steps N] [--variants ...] [--elas-warmup 0,N] [--data PREFIX]``: the
   variants trained on the same data, seed and tokens; quality.json/md and quality.png (validation perplexity).
+* ``elas-bench ffn [--sizes 60m,350m,1b,7b] [--tokens 8192,32768,131072] [--backend auto]``: the FFN alone
+  (full-rank SwiGLU, cola, elas computed dense, elas), fwd / bwd / fwd+bwd time, saved bytes, elas's speed-up
+  next to its 2:4 ceiling and its agreement with the reference (:mod:`elas_megatron.bench.ffn`); ffn.json/md.
 * ``elas-bench plot DIR``: report.md and throughput.png again from ``DIR/results.json`` (e.g. after a GPU run
   on a machine without matplotlib).
 """
@@ -70,6 +73,15 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--tiny", action="store_true", help="a 2-layer fp32 model on the CPU (smoke test)")
     q.add_argument("--report-only", action="store_true", help="no training: tables and plot of existing runs")
     q.add_argument("--out", type=Path, default=Path("runs/bench/quality"))
+    f = sub.add_parser("ffn", help="the FFN variants alone: time, saved bytes, speed-up vs its 2:4 ceiling")
+    f.add_argument("--sizes", type=_names, default=["60m", "350m", "1b", "7b"], help="configs/model/<size>.yaml")
+    f.add_argument("--tokens", type=_ints, default=[8192, 32768, 131072])
+    f.add_argument("--backend", default="auto", help="ELAS kernel backend (auto, reference, triton, cusparselt)")
+    f.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default=None,
+                   help="default: bfloat16 on CUDA, float32 on the CPU")
+    f.add_argument("--reps", type=int, default=10, help="timed repetitions (median reported)")
+    f.add_argument("--warmup", type=int, default=3)
+    f.add_argument("--out", type=Path, default=Path("runs/bench/ffn"))
     p = sub.add_parser("plot", help="report.md and throughput.png from DIR/results.json")
     p.add_argument("dir", type=Path)
     return parser
@@ -139,6 +151,29 @@ def _quality(args) -> int:
     return 0 if all(s == "ok" for s in status.values()) else 1
 
 
+def _ffn(args) -> int:
+    import torch
+
+    from elas_megatron.bench import ffn
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    try:
+        for size in args.sizes:
+            ffn.ffn_shape(size)                                      # bad names fail before any work
+    except ValueError as exc:
+        raise SystemExit(f"elas-bench ffn: {exc}") from None
+    rows = ffn.run_ffn_bench(args.sizes, args.tokens, device=device, dtype=dtype, backend=args.backend,
+                             reps=args.reps, warmup=args.warmup, log=lambda text: print(text, flush=True))
+    args.out.mkdir(parents=True, exist_ok=True)
+    meta = {"command": " ".join(["elas-bench", *sys.argv[1:]]), "device": str(device), "dtype": str(dtype),
+            "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None, "torch": torch.__version__}
+    (args.out / "ffn.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+    (args.out / "ffn.md").write_text(f"`{meta['command']}` on {meta['gpu'] or 'CPU'}, {dtype}\n\n"
+                                     + ffn.format_rows(rows) + "\n")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     from elas_megatron.utils.logging import init_logging
 
@@ -155,6 +190,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "quality":
             args.out.mkdir(parents=True, exist_ok=True)
             return _quality(args)
+        if args.command == "ffn":
+            return _ffn(args)
         from elas_megatron.bench.report import read_results
 
         meta, rows = read_results(args.dir)
