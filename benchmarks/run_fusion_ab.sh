@@ -9,15 +9,8 @@ set -uo pipefail
 OUT=${OUT:-perf_out}; mkdir -p "$OUT"
 RES=${RES:-/tmp/fusion_ab}; mkdir -p "$RES"
 PHASES=${PHASES:-"tests before after"}
-export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:$PWD
-export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
-want() { [[ " $PHASES " == *" $1 "* ]]; }
-if [[ -z "${SKIP_WHEELS:-}" ]]; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-        .whl/*.whl || { echo "wheel install failed"; exit 1; }
-    DS_BUILD_OPS=0 python3 -m pip install -q --no-index --no-deps --no-build-isolation --target /tmp/site \
-        .whl/deepspeed-*.tar.gz > "$RES/deepspeed_install.log" 2>&1 || echo "deepspeed install failed (see log)"
-fi
+source benchmarks/gpu_env.sh
+install_wheels "$RES/deepspeed_install.log"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null | tee "$RES/device.txt"
 if want tests; then
     echo "== GPU tests (${SECONDS} s)"

@@ -10,13 +10,8 @@ set -uo pipefail
 OUT=${OUT:-perf_out}; mkdir -p "$OUT"
 RES=${RES:-/tmp/sparse_backward}; mkdir -p "$RES"
 PHASES=${PHASES:-"tests bench train"}
-export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:$PWD
-export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
-want() { [[ " $PHASES " == *" $1 "* ]]; }
-if [[ -z "${SKIP_WHEELS:-}" ]]; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-        .whl/*.whl || { echo "wheel install failed"; exit 1; }
-fi
+source benchmarks/gpu_env.sh
+install_wheels
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null | tee "$RES/device.txt"
 python3 -c "import torch; print('torch', torch.__version__, 'cuSPARSELt', torch.backends.cusparselt.version())" \
     | tee -a "$RES/device.txt"
