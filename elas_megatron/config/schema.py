@@ -75,7 +75,6 @@ class ModelConfig:
     """How q and k get their rotary embedding: megatron's unfused PyTorch ops, or one Triton pass each
     (elas_megatron.kernels.rope). auto = triton on CUDA with the local spec and Triton installed, else megatron
     (the TE spec uses TE's fused RoPE)."""
-
     def __post_init__(self) -> None:
         _check_finite(self, "model")
         for key in ("hidden_size", "num_layers", "num_heads", "ffn_hidden_size", "rank"):
@@ -163,6 +162,10 @@ class OptimConfig:
     adam_impl: Literal["auto", "foreach", "fused"] = "auto"
     """torch AdamW kernel (used without Apex/TE, i.e. megatron's fallback and the DeepSpeed backend): foreach
     (several multi-tensor passes) or fused (one pass, CUDA only). auto = fused on CUDA, foreach elsewhere."""
+    multi_tensor_impl: Literal["foreach", "megatron"] = "foreach"
+    """Without Apex/TE, megatron-core copies between bf16 weights and fp32 master weights and computes the grad
+    norm with per-tensor Python loops (one host sync per parameter tensor for the norm). foreach = the same
+    operations with torch's multi-tensor kernels (elas_megatron.compat.multi_tensor); megatron = its fallback."""
 
     def __post_init__(self) -> None:
         _check_finite(self, "optim")

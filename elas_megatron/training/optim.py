@@ -105,7 +105,10 @@ class MegatronOptimizer:
     def __init__(self, cfg: Config, model_chunks: list, *, bf16: bool) -> None:
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
+        from elas_megatron.compat.multi_tensor import use_foreach_multi_tensor_ops
+
         o = cfg.optim
+        use_foreach_multi_tensor_ops(o.multi_tensor_impl == "foreach")
         opt_cfg = OptimizerConfig(
             optimizer="adam", lr=o.lr, min_lr=o.lr * o.min_lr_ratio, weight_decay=o.weight_decay,
             adam_beta1=o.beta1, adam_beta2=o.beta2, adam_eps=o.eps, clip_grad=o.clip_grad,
