@@ -75,6 +75,12 @@ class ModelConfig:
     """How q and k get their rotary embedding: megatron's unfused PyTorch ops, or one Triton pass each
     (elas_megatron.kernels.rope). auto = triton on CUDA with the local spec and Triton installed, else megatron
     (the TE spec uses TE's fused RoPE)."""
+    lowrank_parts: Literal["separate", "fused"] = "separate"
+    """cola/elas projections with several low-rank parts (attention's q, k, v; cola's SwiGLU gate, up):
+    separate = each part's B product writes its own tensor, which attention / the SwiGLU (Liger-Kernel's fused
+    kernel on CUDA when installed) read as they are; fused = the parts are concatenated into megatron's fused
+    layout first and split again (the plain path: the same values, plus a copy of every [tokens, parts x width]
+    tensor in the forward and in the backward)."""
     def __post_init__(self) -> None:
         _check_finite(self, "model")
         for key in ("hidden_size", "num_layers", "num_heads", "ffn_hidden_size", "rank"):

@@ -1,5 +1,5 @@
 # SPDX-License-Identifier: Apache-2.0
-"""Attention pieces for the layer specs: SDPA core attention and a self-attention with fused RoPE.
+"""Attention pieces for the layer specs: SDPA core attention and a self-attention with fused RoPE and q/k/v.
 
 :class:`SDPAttention` -- core attention through ``torch.nn.functional.scaled_dot_product_attention`` for the
 ``core_attention`` slot.
@@ -9,9 +9,9 @@ softmax + ``bmm``); without Transformer Engine that is the only core attention o
 the flash / memory-efficient / cuDNN kernels on CUDA and a fused math path on CPU, with the same result. Used
 when ``model.attention_backend`` resolves to ``sdpa``. It is a pure function of q/k/v: no parameters.
 
-:class:`FusedRopeSelfAttention` -- megatron's ``SelfAttention`` with q and k rotated by one Triton pass each
-(:mod:`elas_megatron.kernels.rope`) instead of megatron's unfused RoPE; used when ``model.rope_backend``
-resolves to ``triton``.
+:class:`ElasSelfAttention` -- megatron's ``SelfAttention`` with q and k rotated by one Triton pass each
+(:mod:`elas_megatron.kernels.rope`) instead of megatron's unfused RoPE (``model.rope_backend=triton``), and with
+q, k and v taken from a low-rank ``linear_qkv`` without the fused-layout copies (``model.lowrank_parts=separate``).
 """
 from __future__ import annotations
 
@@ -26,13 +26,14 @@ from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
 from megatron.core.transformer.attention import SelfAttention
 from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.utils import divide
 
 from elas_megatron.kernels.rope import fused_rope, fused_rope_unavailable_reason
 
-__all__ = ["FusedRopeSelfAttention", "SDPAttention"]
+__all__ = ["ElasSelfAttention", "SDPAttention"]
 
 
 class SDPAttention(MegatronModule):
@@ -89,26 +90,42 @@ class SDPAttention(MegatronModule):
         return context.permute(2, 0, 1, 3).reshape(sq, b, -1)            # [sq, b, np * hn]
 
 
-class FusedRopeSelfAttention(SelfAttention):
-    """megatron's ``SelfAttention`` with RoPE applied by :func:`~elas_megatron.kernels.rope.fused_rope`.
+class ElasSelfAttention(SelfAttention):
+    """megatron's ``SelfAttention`` with two optional shortcuts; same parameters and checkpoint keys.
 
-    megatron applies RoPE deep inside its long ``forward``. Rather than copy that method, this class takes the
-    rotary angles out of the call (megatron then skips its own RoPE) and rotates q and k at the end of
-    ``get_query_key_value_tensors``, the step right before, where megatron would have. Calls the kernel does not
-    cover (inference KV caches, packed sequences, per-layer ``no_rope``, interleaved RoPE, output gates) go through megatron's
-    path unchanged; tensors the kernel refuses (CPU, odd shapes) get megatron's unfused RoPE at the same place.
-    Same parameters and checkpoint keys as ``SelfAttention``.
+    * ``fused_rope``: q and k are rotated by :func:`~elas_megatron.kernels.rope.fused_rope` (one Triton pass
+      each, ``model.rope_backend=triton``) instead of megatron's unfused RoPE. megatron applies RoPE deep inside
+      its long ``forward``; rather than copy that method, this class takes the rotary angles out of the call
+      (megatron then skips its own RoPE) and rotates q and k at the end of ``get_query_key_value_tensors``, the
+      step right before, where megatron would have.
+    * ``separate_qkv``: with a low-rank ``linear_qkv`` (:class:`~elas_megatron.layers.low_rank.
+      LowRankQKVColumnParallelLinear`), q, k and v come from its three ``B`` products directly
+      (``model.lowrank_parts=separate``) instead of being concatenated into megatron's fused ``q|k|v`` layout and
+      split again: the same values without a ``[tokens, q + 2 kv]`` copy in the forward and the backward.
+
+    Calls the shortcuts do not cover (inference KV caches, packed sequences, per-layer ``no_rope``, interleaved
+    RoPE, output gates, q/k norms, fewer query groups than TP ranks) go through megatron's path unchanged; tensors
+    the RoPE kernel refuses (CPU, odd shapes) get megatron's unfused RoPE at the same place.
     """
 
     _rope_freqs: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def __init__(self, *args, fused_rope: bool = False, separate_qkv: bool = False, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.fused_rope = fused_rope
+        self.separate_qkv = (separate_qkv and hasattr(self.linear_qkv, "query_key_value")
+                             and self.config.num_query_groups >= self.world_size
+                             and all(norm is None or isinstance(norm, IdentityOp)
+                                     for norm in (self.q_layernorm, self.k_layernorm)))
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None,
                 key_value_states: torch.Tensor | None = None, inference_context=None, rotary_pos_emb=None,
                 *args, **kwargs):
         freqs = rotary_pos_emb if isinstance(rotary_pos_emb, tuple) else (rotary_pos_emb, rotary_pos_emb)
-        if (rotary_pos_emb is None or freqs[0] is None or freqs[1] is None or inference_context is not None
-                or kwargs.get("inference_params") is not None or kwargs.get("packed_seq_params") is not None
-                or self.config.no_rope_freq or self.config.rotary_interleaved or self.config.attention_output_gate):
+        if (not self.fused_rope or rotary_pos_emb is None or freqs[0] is None or freqs[1] is None
+                or inference_context is not None or kwargs.get("inference_params") is not None
+                or kwargs.get("packed_seq_params") is not None or self.config.no_rope_freq
+                or self.config.rotary_interleaved or self.config.attention_output_gate):
             return super().forward(hidden_states, attention_mask, key_value_states, inference_context,
                                    rotary_pos_emb, *args, **kwargs)
         self._rope_freqs = freqs
@@ -118,8 +135,16 @@ class FusedRopeSelfAttention(SelfAttention):
         finally:
             self._rope_freqs = None
 
-    def get_query_key_value_tensors(self, *args, **kwargs):
-        out = super().get_query_key_value_tensors(*args, **kwargs)
+    def get_query_key_value_tensors(self, hidden_states: torch.Tensor, key_value_states: torch.Tensor | None = None,
+                                    output_gate: bool = False, split_qkv: bool = True):
+        if self.separate_qkv and split_qkv and not output_gate and key_value_states is None:
+            query, key, value = self.linear_qkv.query_key_value(hidden_states)   # [s, b, np|ng, hn]
+            if self.config.test_mode:
+                self.run_realtime_tests()
+            out = (query, key, value)
+        else:
+            out = super().get_query_key_value_tensors(hidden_states, key_value_states, output_gate=output_gate,
+                                                      split_qkv=split_qkv)
         if self._rope_freqs is None:
             return out
         query, key, *rest = out

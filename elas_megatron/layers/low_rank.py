@@ -245,11 +245,14 @@ class LowRankColumnParallelLinear(_LowRankBase):
         """``[s(/tp), b, in]`` -> ``([s, b, out / tp], None)``; the sequence is gathered under SP."""
         if weight is not None or runtime_gather_output:
             raise NotImplementedError(f"{type(self).__name__} owns its factors and never gathers its output")
+        return self._assemble(self.parts(input_)), None
+
+    def parts(self, input_: torch.Tensor) -> list[torch.Tensor]:
+        """Each part's output ``[s, b, out_p / tp]`` as its own tensor (``model.lowrank_parts=separate``: the
+        caller reads the parts directly instead of :meth:`forward`'s concatenation of them)."""
         h = self.hidden(input_)
-        hs = h.split(self.rank, dim=-1) if len(self.part_names) > 1 else (h,)
-        b_factors = self._factors("B")
-        outputs = [torch.matmul(h_p, b_p) for h_p, b_p in zip(hs, b_factors, strict=True)]  # [s, b, out_p / tp]
-        return self._assemble(outputs), None
+        hs = h.split(self.rank, dim=-1) if len(self.part_names) > 1 else (h,)                 # views
+        return [torch.matmul(h_p, b_p) for h_p, b_p in zip(hs, self._factors("B"), strict=True)]
 
     def hidden(self, input_: torch.Tensor) -> torch.Tensor:
         """The first half, ``sigma(x A)`` for all parts ``[s, b, parts * r]``, on every TP rank (the sequence
@@ -289,6 +292,18 @@ class LowRankQKVColumnParallelLinear(LowRankColumnParallelLinear):
         self.groups_local = groups // self.tp_size
         self.head_dim = head_dim
         super()._define_parts(("q", "k", "v"), (q_size, kv_size, kv_size))
+
+    def query_key_value(self, input_: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q ``[s, b, np / tp, hn]``, k and v ``[s, b, ng / tp, hn]``, each from its own ``B`` product.
+
+        What megatron's ``SelfAttention`` gets by splitting :meth:`forward`'s fused output, without building it:
+        each product writes its own contiguous tensor, so neither the concatenation in the forward nor the copies
+        of the split gradients in the backward happen (``model.lowrank_parts=separate``).
+        """
+        q, k, v = self.parts(input_)                                  # [s, b, np_l * hn], [s, b, ng_l * hn] x2
+        lead = q.shape[:-1]
+        return (q.view(*lead, -1, self.head_dim), k.view(*lead, self.groups_local, self.head_dim),
+                v.view(*lead, self.groups_local, self.head_dim))
 
     def _assemble(self, outputs: list[torch.Tensor]) -> torch.Tensor:
         q, k, v = outputs                                              # [s, b, ng_l*(np/ng)*hn], [s, b, ng_l*hn] x2

@@ -32,19 +32,21 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.utils import get_tensor_model_parallel_group_if_none
 
 from elas_megatron.kernels.dispatch import lowrank_relu2_sparse24_matmul, relu2_sparse24_matmul
+from elas_megatron.kernels.swiglu import swiglu
 from elas_megatron.layers.low_rank import LowRankColumnParallelLinear, LowRankRowParallelLinear
 
-__all__ = ["GRAD_MODES", "ElasMLP", "cola_mlp_spec", "elas_mlp_spec"]
+__all__ = ["GRAD_MODES", "ColaMLP", "ElasMLP", "cola_mlp_spec", "elas_mlp_spec"]
 
 logger = logging.getLogger(__name__)
 
 GRAD_MODES = ("masked", "dense")
 
 
-def cola_mlp_spec(*, rank: int, activation: str = "silu") -> ModuleSpec:
-    """megatron's SwiGLU ``MLP`` with low-rank gate/up (``linear_fc1``, two factor pairs) and down (``linear_fc2``)."""
+def cola_mlp_spec(*, rank: int, activation: str = "silu", separate_parts: bool = False) -> ModuleSpec:
+    """megatron's SwiGLU ``MLP`` with low-rank gate/up (``linear_fc1``, two factor pairs) and down (``linear_fc2``);
+    :class:`ColaMLP` with gate and up kept apart when ``separate_parts`` (``model.lowrank_parts=separate``)."""
     return ModuleSpec(
-        module=MLP,
+        module=ColaMLP if separate_parts else MLP,
         submodules=MLPSubmodules(
             linear_fc1=ModuleSpec(module=LowRankColumnParallelLinear,
                                   params={"rank": rank, "activation": activation, "part_names": ("gate", "up")}),
@@ -64,6 +66,26 @@ def elas_mlp_spec(*, rank: int, activation: str = "silu", sparse24: bool = True,
             linear_fc2=ModuleSpec(module=LowRankRowParallelLinear, params={"rank": rank, "activation": activation}),
         ),
     )
+
+
+class ColaMLP(MLP):
+    """megatron's SwiGLU ``MLP`` whose gate and up stay two tensors (``model.lowrank_parts=separate``).
+
+    megatron's ``MLP.forward`` takes ``linear_fc1``'s fused ``[gate | up]`` output and splits it inside its SwiGLU;
+    with a low-rank ``linear_fc1`` gate and up come from two ``B`` products, so this forward takes them as they are
+    (:meth:`~elas_megatron.layers.low_rank.LowRankColumnParallelLinear.parts`) into
+    :func:`~elas_megatron.kernels.swiglu.swiglu`. Same parameters, checkpoint keys and values as ``MLP``; calls it
+    does not cover (MoE token scales, clamped or offset GLUs, another activation) take ``MLP.forward``.
+    """
+
+    def forward(self, hidden_states: torch.Tensor, per_token_scale: torch.Tensor | None = None, **kwargs):
+        cfg = self.config
+        if (per_token_scale is not None or not hasattr(self.linear_fc1, "parts") or not cfg.gated_linear_unit
+                or self.activation_func is not torch.nn.functional.silu or cfg.activation_func_clamp_value is not None
+                or cfg.glu_linear_offset != 0.0):
+            return super().forward(hidden_states, per_token_scale=per_token_scale, **kwargs)
+        gate, up = self.linear_fc1.parts(hidden_states)                              # [s, b, d_ff / tp] x2
+        return self.linear_fc2(swiglu(gate, up))
 
 
 class ElasMLP(MegatronModule):

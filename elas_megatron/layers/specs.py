@@ -23,7 +23,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_layer import TransformerLayerSubmodules
 
 from elas_megatron.config.schema import ModelConfig
-from elas_megatron.layers.attention import FusedRopeSelfAttention, SDPAttention
+from elas_megatron.layers.attention import ElasSelfAttention, SDPAttention
 from elas_megatron.layers.low_rank import LowRankQKVColumnParallelLinear, LowRankRowParallelLinear
 from elas_megatron.layers.mlp import cola_mlp_spec, elas_mlp_spec
 from elas_megatron.layers.norm import RMSNorm
@@ -151,8 +151,10 @@ def _dense(layer: TransformerLayerSubmodules, m: ModelConfig, ctx: _SpecContext)
 def _cola(layer: TransformerLayerSubmodules, m: ModelConfig, ctx: _SpecContext) -> None:
     """CoLA: every linear low-rank; megatron's SwiGLU MLP with low-rank gate/up/down."""
     _lowrank_attention(layer, m, ctx, "cola")
-    _lowrank_mlp(layer, cola_mlp_spec(rank=m.rank, activation=m.lowrank_activation), ctx, "cola",
-                 f"MLP with low-rank gate/up/down, rank {m.rank}, sigma={m.lowrank_activation}")
+    separate = m.lowrank_parts == "separate"
+    _lowrank_mlp(layer, cola_mlp_spec(rank=m.rank, activation=m.lowrank_activation, separate_parts=separate), ctx,
+                 "cola", f"MLP with low-rank gate/up/down, rank {m.rank}, sigma={m.lowrank_activation}"
+                 f"{', gate and up apart (model.lowrank_parts=separate)' if separate else ''}")
 
 
 def _elas(layer: TransformerLayerSubmodules, m: ModelConfig, ctx: _SpecContext) -> None:
@@ -212,12 +214,16 @@ def get_layer_spec(model_cfg: ModelConfig, *, sequence_parallel: bool = False, a
     if backend == "sdpa":
         _swap(layer.self_attention.submodules, "core_attention", SDPAttention, "self_attention",
               "model.attention_backend=sdpa")
-    if rope_backend == "triton":
-        attn = layer.self_attention
-        attn.module = FusedRopeSelfAttention
-        _log_swap(f"self_attention: SelfAttention -> {FusedRopeSelfAttention.__name__} (model.rope_backend=triton)")
-    elif rope_backend != "megatron":
+    if rope_backend not in ("megatron", "triton"):
         raise ValueError(f"rope_backend={rope_backend!r}: resolve it first (resolve_rope_backend)")
+    separate_qkv = (model_cfg.lowrank_parts == "separate" and model_cfg.variant != "dense" and model_cfg.lowrank_attention)
+    if rope_backend == "triton" or separate_qkv:
+        attn = layer.self_attention
+        attn.module = ElasSelfAttention
+        attn.params = {**attn.params, "fused_rope": rope_backend == "triton", "separate_qkv": separate_qkv}
+        notes = [n for n, on in (("model.rope_backend=triton", rope_backend == "triton"),
+                                 ("model.lowrank_parts=separate", separate_qkv)) if on]
+        _log_swap(f"self_attention: SelfAttention -> {ElasSelfAttention.__name__} ({', '.join(notes)})")
     if sequence_parallel and not ctx.te:
         _swap(layer, "input_layernorm", RMSNorm, "layer", "sequence-parallel RMSNorm")
         _swap(layer, "pre_mlp_layernorm", RMSNorm, "layer", "sequence-parallel RMSNorm")

@@ -92,13 +92,14 @@ def test_rope_backend_resolution(monkeypatch):
         specs.resolve_rope_backend("fast", "cpu")
 
 
-def test_layer_spec_swaps_self_attention_only_for_triton():
+def test_layer_spec_asks_for_fused_rope_only_with_triton():
     from elas_megatron.config.schema import ModelConfig
-    from elas_megatron.layers.attention import FusedRopeSelfAttention
+    from elas_megatron.layers.attention import ElasSelfAttention
 
-    model = ModelConfig(variant="elas")
+    model = ModelConfig(variant="elas", lowrank_parts="fused")
     fused = specs.get_layer_spec(model, attention_backend="local", rope_backend="triton")
     plain = specs.get_layer_spec(model, attention_backend="local")
-    assert fused.submodules.self_attention.module is FusedRopeSelfAttention
-    assert plain.submodules.self_attention.module is not FusedRopeSelfAttention
+    assert fused.submodules.self_attention.module is ElasSelfAttention
+    assert fused.submodules.self_attention.params["fused_rope"] is True
+    assert plain.submodules.self_attention.module is not ElasSelfAttention
     assert repr(fused.submodules.self_attention.submodules) == repr(plain.submodules.self_attention.submodules)

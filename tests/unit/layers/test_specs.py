@@ -11,7 +11,7 @@ from elas_megatron.config.schema import ModelConfig
 from elas_megatron.layers import specs
 from elas_megatron.layers.attention import SDPAttention
 from elas_megatron.layers.low_rank import LowRankQKVColumnParallelLinear, LowRankRowParallelLinear
-from elas_megatron.layers.mlp import ElasMLP
+from elas_megatron.layers.mlp import ColaMLP, ElasMLP
 from elas_megatron.layers.norm import RMSNorm
 
 
@@ -42,8 +42,10 @@ def test_variants_swap_only_their_slots(caplog, monkeypatch):
     with caplog.at_level(logging.INFO, logger="elas_megatron.layers.specs"):
         cola = _slots(specs.get_layer_spec(_model("cola"), attention_backend="local"))
         elas = _slots(specs.get_layer_spec(_model("elas"), attention_backend="local"))
-    assert cola == dict(stock, qkv=LowRankQKVColumnParallelLinear, proj=LowRankRowParallelLinear, mlp=MLP)
+    assert cola == dict(stock, qkv=LowRankQKVColumnParallelLinear, proj=LowRankRowParallelLinear, mlp=ColaMLP)
     assert elas == dict(cola, mlp=ElasMLP)
+    fused_parts = _slots(specs.get_layer_spec(_model("cola", lowrank_parts="fused"), attention_backend="local"))
+    assert fused_parts == dict(cola, mlp=MLP)  # megatron's own MLP when gate and up are concatenated
     assert "elas.mlp: MLP -> ElasMLP" in caplog.text and "2:4 masked-grad" in caplog.text
     full_attention = _slots(specs.get_layer_spec(_model("elas", lowrank_attention=False), attention_backend="local"))
     assert full_attention == dict(stock, mlp=ElasMLP)
