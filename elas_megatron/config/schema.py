@@ -81,6 +81,12 @@ class ModelConfig:
     kernel on CUDA when installed) read as they are; fused = the parts are concatenated into megatron's fused
     layout first and split again (the plain path: the same values, plus a copy of every [tokens, parts x width]
     tensor in the forward and in the backward)."""
+    loss_backend: Literal["auto", "megatron", "liger"] = "auto"
+    """Output layer + cross-entropy: megatron = the logits GEMM, then megatron's vocab-parallel cross-entropy on
+    fp32 logits ([tokens, vocab] in fp32 and bf16 in memory); liger = Liger-Kernel's fused linear cross-entropy
+    (the logits are computed in chunks and never held whole; needs the `liger-kernel` package and a CUDA device).
+    auto = liger where it can run (CUDA, liger-kernel installed, parallel.tp=1), else megatron."""
+
     def __post_init__(self) -> None:
         _check_finite(self, "model")
         for key in ("hidden_size", "num_layers", "num_heads", "ffn_hidden_size", "rank"):

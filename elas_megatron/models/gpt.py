@@ -29,8 +29,11 @@ from elas_megatron.layers.specs import (
     te_available,
 )
 from elas_megatron.models.init import initialize_weights
+from elas_megatron.models.loss import FusedLossGPTModel
 
-__all__ = ["build_model", "model_device", "resolve_dtype", "transformer_config"]
+__all__ = ["build_model", "model_device", "resolve_dtype", "resolve_loss_backend", "transformer_config"]
+
+LOSS_BACKENDS = ("auto", "megatron", "liger")
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +52,27 @@ def resolve_dtype(cfg: Config) -> torch.dtype:
     if cfg.train.dtype == "fp32":
         return torch.float32
     return torch.bfloat16 if model_device(cfg).type == "cuda" else torch.float32
+
+
+def resolve_loss_backend(requested: str, device: torch.device | str, tp: int = 1) -> str:
+    """``model.loss_backend`` -> ``"megatron"`` or ``"liger"`` (auto: liger where it can run).
+
+    Raises:
+        ValueError: unknown name, or ``liger`` where it cannot run (no liger-kernel, no CUDA device, tp > 1).
+    """
+    from elas_megatron.kernels.cross_entropy import liger_unavailable_reason
+
+    if requested not in LOSS_BACKENDS:
+        raise ValueError(f"model.loss_backend={requested!r} is unknown; choose one of {LOSS_BACKENDS}")
+    if requested == "megatron":
+        return requested
+    why_not = liger_unavailable_reason(device) or (f"parallel.tp={tp}: the fused op covers tp=1 only"
+                                                     if tp > 1 else None)
+    if requested == "auto":
+        return "liger" if why_not is None and torch.device(device).type == "cuda" else "megatron"
+    if why_not is not None:
+        raise ValueError(f"model.loss_backend=liger cannot run: {why_not}; use model.loss_backend=auto or megatron")
+    return requested
 
 
 def _recompute_kwargs(recompute: str) -> dict:
@@ -159,8 +183,10 @@ def build_model(cfg: Config, *, vocab_size: int, pre_process: bool = True, post_
     block_spec = TransformerBlockSubmodules(
         layer_specs=[layer_spec] * get_num_layers_to_build(tconfig, vp_stage=vp_stage),
         layer_norm=get_final_norm(cfg.model, sequence_parallel=sequence_parallel))
+    model_class = (FusedLossGPTModel if resolve_loss_backend(cfg.model.loss_backend, device, cfg.parallel.tp) == "liger"
+                   else GPTModel)
     with _quiet_unknown_mlp_warning():
-        model = GPTModel(
+        model = model_class(
             config=tconfig, transformer_layer_spec=block_spec, vocab_size=vocab_size,
             max_sequence_length=cfg.train.seq_len, pre_process=pre_process, post_process=post_process,
             parallel_output=True, share_embeddings_and_output_weights=False, position_embedding_type="rope",

@@ -198,7 +198,8 @@ class Trainer:
             self._microbatch += 1
         self.progress.update(self.step + 1, "forward")
         batch = next(data_iterator)
-        output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+        output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"],
+                       loss_mask=batch["loss_mask"])
         return output, partial(self._loss_func, batch["loss_mask"])
 
     def _run_schedule(self, iterators: list, num_microbatches: int, forward_only: bool) -> float:
