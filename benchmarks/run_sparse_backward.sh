@@ -4,17 +4,16 @@
 #   bench  -- benchmarks/bench_elas_ffn.py --only sparse_bwd,ffn (1B and 7B shapes, T = 32k and 64k)
 #   train  -- 1B elas training throughput with the binding (default) and with torch._cslt_sparse_mm
 #             (ELAS_CUSPARSELT_IMPL=torch), one right after the other
-# Needs .whl/ (carry it); everything is packed into $OUT/sparse_backward.tgz. PHASES="tests bench train",
+# Needs .whl/ (benchmarks/gpu_env.sh; carry it); everything is packed into $OUT/sparse_backward.tgz (default OUT:
+# runs/sparse_backward). PHASES="tests bench train",
 # SKIP_TRAIN_TESTS=1, BENCH_ONLY (default sparse_bwd,ffn), MB (default 36), CAP_* (seconds per phase).
 set -uo pipefail
-OUT=${OUT:-perf_out}; mkdir -p "$OUT"
+OUT=${OUT:-runs/sparse_backward}; mkdir -p "$OUT"
 RES=${RES:-/tmp/sparse_backward}; mkdir -p "$RES"
 PHASES=${PHASES:-"tests bench train"}
 source benchmarks/gpu_env.sh
 install_wheels
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null | tee "$RES/device.txt"
-python3 -c "import torch; print('torch', torch.__version__, 'cuSPARSELt', torch.backends.cusparselt.version())" \
-    | tee -a "$RES/device.txt"
+device_info "$RES/device.txt"
 if want tests; then
     for sel in "not float16" "float16 and not bfloat16"; do
         echo "== kernel tests -k '$sel' (${SECONDS} s)"
