@@ -1,19 +1,15 @@
 #!/usr/bin/env bash
 # Everything checked on one lent GPU in a single call (the device tool runs this in the repo root; results go
-# to $OUT, or ./gpu_out). Needs the wheels in .whl/ (megatron-core, psutil, DeepSpeed sdist and its deps for the
-# GPU image's Python), since the GPU image has torch/triton but not those:
+# to $OUT, or runs/gpu_checks). Needs the wheels in .whl/ (megatron-core, psutil, DeepSpeed sdist and its deps for
+# the GPU image's Python; benchmarks/gpu_env.sh installs them), since the GPU image has torch/triton but not those:
 #   1. every GPU-marked test (kernels vs reference, bf16 training of all variants with MFU logging, compat no-op)
 #   2. the demo config on CUDA (bf16, SDPA, fused ELAS kernels)
 #   3. benchmarks/parallel_backends.py at 350M (megatron vs DeepSpeed ZeRO-1, with/without recompute)
 set -uo pipefail
-OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:$PWD
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    || { echo "wheel install failed"; exit 1; }
-DS_BUILD_OPS=0 python3 -m pip install -q --no-index --no-deps --no-build-isolation --target /tmp/site \
-    .whl/deepspeed-*.tar.gz > "$OUT/deepspeed_install.log" 2>&1 || echo "deepspeed install failed (see log)"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/device.txt"
-python3 -c "import torch, triton, megatron.core as m; print('torch', torch.__version__, 'triton', triton.__version__, 'mcore', m.__version__)" | tee -a "$OUT/device.txt"
+OUT=${OUT:-runs/gpu_checks}; mkdir -p "$OUT"
+source benchmarks/gpu_env.sh
+install_wheels "$OUT/deepspeed_install.log"
+device_info "$OUT/device.txt"
 
 echo "== 1. GPU tests"
 python3 -m pytest -q -m gpu tests/gpu tests/unit/compat -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log" | tail -4

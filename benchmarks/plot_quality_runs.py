@@ -2,15 +2,17 @@
 """Validation perplexity vs tokens of several training runs in one PNG (e.g. runs of different
 ``elas-bench quality`` calls, which each plot only their own runs).
 
-Each run is a run directory holding ``metrics.jsonl`` and ``config.yaml`` (as written by ``elas-train`` and kept
-by ``elas-bench quality`` under ``OUT/runs/<name>/``), given as ``DIR=LABEL``. Tokens are ``step x
-train.global_batch x train.seq_len`` from the run's ``config.yaml``. With ``--ref LABEL`` a second panel shows
+Each run is given as ``RUN=LABEL``, where ``RUN`` is either a run directory holding ``metrics.jsonl`` and
+``config.yaml`` (as written by ``elas-train`` and kept by ``elas-bench quality`` under ``OUT/runs/<name>/``; tokens
+are ``step x train.global_batch x train.seq_len`` from its ``config.yaml``) or ``QUALITY_JSON:NAME``, the run
+``NAME`` of a ``quality.json`` that ``elas-bench quality`` wrote (its curve; this is what benchmarks/results keeps).
+With ``--ref LABEL`` a second panel shows
 every other run's validation perplexity relative to that run's, in %, at the steps both evaluated;
 ``--ref-of LABEL=REF`` compares one run against another reference (e.g. a second seed against its own cola).
 
     python benchmarks/plot_quality_runs.py --out quality_60m_all.png --ref cola \\
         R/quality_60m/runs/60m_cola=cola R/quality_60m/runs/60m_elas_warmup0=elas \\
-        R/seed2/runs/60m_cola="cola, seed 2" R/seed2/runs/60m_elas_warmup0="elas, seed 2" \\
+        R/seed2/quality.json:60m_cola="cola, seed 2" R/seed2/quality.json:60m_elas_warmup0="elas, seed 2" \\
         --ref-of "elas, seed 2=cola, seed 2"
 
 Needs matplotlib (``pip install 'elas-megatron[plot]'``).
@@ -18,6 +20,7 @@ Needs matplotlib (``pip install 'elas-megatron[plot]'``).
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -26,8 +29,15 @@ import yaml
 from elas_megatron.training.metrics import read_metrics
 
 
-def val_curve(run_dir: Path) -> list[tuple[int, int, float]]:
-    """``(step, tokens, val_ppl)`` of every evaluation record of the run in ``run_dir``."""
+def val_curve(run: str | Path) -> list[tuple[int, int, float]]:
+    """``(step, tokens, val_ppl)`` of every evaluation of ``run``: a run directory or ``QUALITY_JSON:NAME``."""
+    path, sep, name = str(run).rpartition(":")
+    if sep and path.endswith(".json"):
+        runs = {r["name"]: r for r in json.loads(Path(path).read_text())}
+        if name not in runs:
+            raise ValueError(f"{path} has no run {name!r}; it has {sorted(runs)}")
+        return [(p["step"], p["tokens"], p["val_ppl"]) for p in runs[name]["curve"]]
+    run_dir = Path(run)
     train = yaml.safe_load((run_dir / "config.yaml").read_text())["train"]
     tokens_per_step = int(train["global_batch"]) * int(train["seq_len"])
     return [(r["step"], r["step"] * tokens_per_step, r["val_ppl"])
@@ -36,7 +46,8 @@ def val_curve(run_dir: Path) -> list[tuple[int, int, float]]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("runs", nargs="+", metavar="DIR=LABEL", help="a run directory and its label in the legend")
+    p.add_argument("runs", nargs="+", metavar="RUN=LABEL",
+                   help="a run directory or QUALITY_JSON:NAME, and its label in the legend")
     p.add_argument("--out", required=True, help="the PNG to write")
     p.add_argument("--ref", help="label of the run the second panel compares against (no second panel without it)")
     p.add_argument("--ref-of", action="append", default=[], metavar="LABEL=REF",
@@ -46,12 +57,15 @@ def main(argv: list[str] | None = None) -> int:
 
     curves: dict[str, list[tuple[int, int, float]]] = {}
     for spec in args.runs:
-        directory, sep, label = spec.partition("=")
+        run, sep, label = spec.partition("=")
         if not sep or not label:
-            p.error(f"expected DIR=LABEL, got {spec!r}")
-        curves[label] = val_curve(Path(directory))
+            p.error(f"expected RUN=LABEL, got {spec!r}")
+        try:
+            curves[label] = val_curve(run)
+        except (OSError, ValueError) as exc:
+            p.error(f"{run}: {exc}")
         if not curves[label]:
-            p.error(f"{directory}: no val_ppl records in metrics.jsonl")
+            p.error(f"{run}: no validation perplexity in it")
     ref_of: dict[str, str] = {}
     for spec in args.ref_of:
         label, sep, ref = spec.rpartition("=")

@@ -2,16 +2,17 @@
 # Fused RoPE + fused AdamW on one lent GPU (<= 9.5 min): their GPU tests, then the 1B training throughput of
 # dense / cola / elas with megatron's unfused RoPE + torch's foreach AdamW ("before") and with the defaults
 # (model.rope_backend=auto -> triton, optim.adam_impl=auto -> fused: "after"), one right after the other on the
-# same machine. Needs .whl/ as run_performance.sh (carry .whl); everything is packed into $OUT/fusion_ab.tgz.
+# same machine. Needs .whl/ (benchmarks/gpu_env.sh; carry .whl); everything is packed into $OUT/fusion_ab.tgz
+# (default OUT: runs/fusion_ab).
 #   MB (default 24,28,36,40: the largest that fit before were 24 / 24 / 36), VARIANTS (default dense,cola,elas),
 #   PHASES="tests before after", TESTS (default tests/gpu/test_rope_gpu.py)
 set -uo pipefail
-OUT=${OUT:-perf_out}; mkdir -p "$OUT"
+OUT=${OUT:-runs/fusion_ab}; mkdir -p "$OUT"
 RES=${RES:-/tmp/fusion_ab}; mkdir -p "$RES"
 PHASES=${PHASES:-"tests before after"}
 source benchmarks/gpu_env.sh
 install_wheels "$RES/deepspeed_install.log"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null | tee "$RES/device.txt"
+device_info "$RES/device.txt"
 if want tests; then
     echo "== GPU tests (${SECONDS} s)"
     timeout -k 10 "${CAP_TESTS:-200}" python3 -m pytest -q -p no:cacheprovider ${TESTS:-tests/gpu/test_rope_gpu.py} \

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# Issue 7 on one lent H100 in a single call (<= 9 min): model-level throughput of dense / cola / elas at 1B and
-# 350M (training steps and forward-only prefill, bf16, SDPA attention, fused ELAS kernels), then a short quality
-# run (60M on the shipped Python-docs corpus). Run by the device tool in the repo root; results go to $OUT (or
-# ./perf_out). Needs the wheels in .whl/ (megatron-core, psutil, ... for the GPU image's Python), as
-# benchmarks/gpu_checks.sh; carry .whl. Plots need matplotlib, which the GPU image lacks: afterwards, here,
+# Model-level measurements of dense / cola / elas on one lent H100 in a single call (<= 9 min): throughput at 1B
+# and 350M (training steps and forward-only prefill, bf16, SDPA attention, fused ELAS kernels), a short quality
+# run (60M on the shipped Python-docs corpus) and the optimizer backends x recompute table at 350M. Run by the
+# device tool in the repo root; results go to $OUT (or runs/perf). Needs the wheels in .whl/ (megatron-core,
+# psutil, ... for the GPU image's Python; benchmarks/gpu_env.sh installs them); carry .whl. Plots need
+# matplotlib, which the GPU image lacks: afterwards, here,
 #   elas-bench plot OUT/throughput_1b ; elas-bench plot OUT/throughput_350m ;
 #   elas-bench quality --report-only --out OUT/quality ...   (see docs/performance.md)
 # Every phase writes its results as it goes and has its own time cap, so a cut-off phase still leaves its rows.
@@ -14,24 +15,17 @@
 #   CPU check of this script: SKIP_WHEELS=1 BENCH_EXTRA="--tiny --seq-lens 16 --micro-batches 1,2
 #     --inference-micro-batches 1,2" QUALITY_EXTRA="--tiny" QUALITY_STEPS=4 bash benchmarks/run_performance.sh
 set -uo pipefail
-OUT=${OUT:-perf_out}; mkdir -p "$OUT"
+OUT=${OUT:-runs/perf}; mkdir -p "$OUT"
 RES=${RES:-/tmp/perf}; mkdir -p "$RES"
 BUDGET_S=${BUDGET_S:-530}
 PHASES=${PHASES:-"1b_train 1b_prefill 350m_train 350m_prefill quality backends"}
-export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:$PWD
-# fewer fragmentation OOMs, so the largest batch that fits is the model's, not the allocator's
-export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
-if [[ -z "${SKIP_WHEELS:-}" ]]; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-        .whl/*.whl || { echo "wheel install failed"; exit 1; }
-fi
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null | tee "$RES/device.txt"
-python3 -c "import torch, triton, megatron.core as m; print('torch', torch.__version__, 'triton', triton.__version__, 'mcore', m.__version__)" | tee -a "$RES/device.txt"
+source benchmarks/gpu_env.sh
+install_wheels
+device_info "$RES/device.txt"
 
 BENCH="python3 -m elas_megatron.cli.bench"
 # seconds a phase may take: its cap, or what is left of the budget (minus a margin to copy files)
 allow() { local left=$(( BUDGET_S - SECONDS - 10 )); (( left < $1 )) && echo $(( left > 0 ? left : 1 )) || echo "$1"; }
-want() { [[ " $PHASES " == *" $1 "* ]]; }
 run_phase() {  # name cap command...
     local name=$1 cap; cap=$(allow "$2"); shift 2
     echo "== $name (up to ${cap} s; ${SECONDS} s used)"
@@ -41,8 +35,8 @@ run_phase() {  # name cap command...
 }
 # Grids: the memory estimate (training/memory.py, within 90 % of 79.6 GiB) puts the largest micro-batch of 1024
 # tokens at 24 (1B dense and cola), 40 (1B elas), 60 / 56 / 76 (350M dense / cola / elas); steps of 4 (1B) and
-# 8 (350M) around those resolve the max-batch ratio to ~15 %. Measured on an H100 (2026-11-23): 24 / 24 / 36 at 1B
-# and 56 / 56 / >= 72 at 350M. Prefill keeps no activations: large batches fit.
+# 8 (350M) around those resolve the max-batch ratio to ~15 %. Measured on an H100 (benchmarks/results/2026-11-h100):
+# 24 / 24 / 36 at 1B and 56 / 56 / >= 72 at 350M. Prefill keeps no activations: large batches fit.
 TRAIN=(--steps 3 --warmup 2 --profile-steps 1 --isolation variant --seq-lens 1024)
 PREFILL=(--no-train --inference --steps 3 --warmup 1 --profile-steps 1 --isolation variant --seq-lens 1024)
 want 1b_train && run_phase 1b_train "${CAP_1B_TRAIN:-240}" $BENCH throughput configs/model/1b.yaml "${TRAIN[@]}" \
@@ -56,7 +50,7 @@ want 350m_prefill && run_phase 350m_prefill "${CAP_350M_PREFILL:-100}" $BENCH th
 if want quality; then
     # the four 60M runs at once (each leaves the GPU idle between launches; results do not depend on --jobs).
     # lr 1e-3 for all: the recipe's 6e-3 (60M low-rank) is for 512 x 256-token batches; with 16 x 256 it held
-    # cola and elas back in the 2026-11-23 run (docs/performance.md, "Quality")
+    # cola and elas back (docs/performance.md, "Quality")
     cap=$(allow "${CAP_QUALITY:-330}")
     run_phase quality "$cap" $BENCH quality --sizes 60m --variants cola,elas,dense --elas-warmup 0,150 \
         --steps "${QUALITY_STEPS:-1500}" --data data/pydocs/tokens/pydocs_text_document \
@@ -71,9 +65,8 @@ if want quality; then
     cp -r /tmp/perf_quality/logs "$RES/quality/" 2>/dev/null
 fi
 if want backends; then
-    # optimizer backends x recompute at 350M (issue 3's table); DeepSpeed from the carried sdist
-    DS_BUILD_OPS=0 python3 -m pip install -q --no-index --no-deps --no-build-isolation --target /tmp/site \
-        .whl/deepspeed-*.tar.gz > "$RES/deepspeed_install.log" 2>&1 || echo "deepspeed install failed (see log)"
+    # optimizer backends x recompute at 350M (docs/parallelism.md); DeepSpeed from the carried sdist
+    install_deepspeed "$RES/deepspeed_install.log"
     # shellcheck disable=SC2086  # BACKENDS_ARGS is a word list
     run_phase backends "${CAP_BACKENDS:-300}" python3 benchmarks/parallel_backends.py --json "$RES/parallel_backends.json" \
         ${BACKENDS_ARGS:-}

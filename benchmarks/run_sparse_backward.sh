@@ -1,20 +1,21 @@
 #!/usr/bin/env bash
-# Sparse input gradient of the up-projection + the direct cuSPARSELt binding (issue 4) on one lent GPU (<= 9.5 min):
+# The sparse input gradient of the up-projection and the direct cuSPARSELt binding on one lent GPU (<= 9.5 min):
 #   tests  -- tests/gpu/test_sparse24_kernels.py (bf16/fp32, then fp16 in its own process) and test_train_gpu.py
-#   bench  -- benchmarks/bench_elas_ffn.py --only sparse_bwd,ffn (1B and 7B shapes, T = 32k and 64k)
+#   bench  -- elas-bench ffn at the 1B and 7B FFN shapes of docs/kernels.md (d 2048 / 4096, d_ff 5632 / 11008,
+#             r 512 / 1024), T = 32k and 64k: every elas form side by side (backends, B_up outside the op, grad_h
+#             on cuBLAS, torch._cslt_sparse_mm instead of the binding) and the pieces in BENCH_PIECES
 #   train  -- 1B elas training throughput with the binding (default) and with torch._cslt_sparse_mm
 #             (ELAS_CUSPARSELT_IMPL=torch), one right after the other
-# Needs .whl/ (carry it); everything is packed into $OUT/sparse_backward.tgz. PHASES="tests bench train",
-# SKIP_TRAIN_TESTS=1, BENCH_ONLY (default sparse_bwd,ffn), MB (default 36), CAP_* (seconds per phase).
+# Needs .whl/ (benchmarks/gpu_env.sh; carry it); everything is packed into $OUT/sparse_backward.tgz (default OUT:
+# runs/sparse_backward). PHASES="tests bench train", SKIP_TRAIN_TESTS=1, BENCH_PIECES (default sparse_bwd; empty:
+# the FFN table only), MB (default 36), CAP_* (seconds per phase).
 set -uo pipefail
-OUT=${OUT:-perf_out}; mkdir -p "$OUT"
+OUT=${OUT:-runs/sparse_backward}; mkdir -p "$OUT"
 RES=${RES:-/tmp/sparse_backward}; mkdir -p "$RES"
 PHASES=${PHASES:-"tests bench train"}
 source benchmarks/gpu_env.sh
 install_wheels
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null | tee "$RES/device.txt"
-python3 -c "import torch; print('torch', torch.__version__, 'cuSPARSELt', torch.backends.cusparselt.version())" \
-    | tee -a "$RES/device.txt"
+device_info "$RES/device.txt"
 if want tests; then
     for sel in "not float16" "float16 and not bfloat16"; do
         echo "== kernel tests -k '$sel' (${SECONDS} s)"
@@ -30,9 +31,11 @@ if want tests; then
     fi
 fi
 if want bench; then
-    echo "== bench_elas_ffn --only ${BENCH_ONLY:-sparse_bwd,ffn} (${SECONDS} s)"
-    timeout -k 10 "${CAP_BENCH:-200}" python3 benchmarks/bench_elas_ffn.py --only "${BENCH_ONLY:-sparse_bwd,ffn}" \
-        --json "$RES/bench.json" > "$RES/bench.log" 2>&1
+    pieces=${BENCH_PIECES-sparse_bwd}
+    echo "== elas-bench ffn, pieces: ${pieces:-none} (${SECONDS} s)"
+    timeout -k 10 "${CAP_BENCH:-200}" python3 -m elas_megatron.cli.bench ffn --sizes 2048x5632x512,4096x11008x1024 \
+        --tokens 32768,65536 --reps 20 --warmup 5 --compare reference,triton,cusparselt,outside,dense-grad-h,torch-cslt \
+        ${pieces:+--pieces "$pieces"} --out "$RES/bench" > "$RES/bench.log" 2>&1
     echo "   exit $? after ${SECONDS} s"; grep -E "^\|" "$RES/bench.log" | head -80
 fi
 TRAIN=(--steps 3 --warmup 2 --profile-steps 1 --isolation variant --seq-lens 1024 --micro-batches "${MB:-36}"

@@ -1,5 +1,6 @@
 # SPDX-License-Identifier: Apache-2.0
-"""Model-level benchmarks behind ``elas-bench`` (issue 7): training/prefill throughput and quality runs.
+"""The benchmarks behind ``elas-bench``: training/prefill throughput and quality runs of whole models, and the
+FFN on its own.
 
 * :mod:`~elas_megatron.bench.throughput`: warm-up + timed training steps (or forward-only prefill) of dense,
   cola and elas over micro-batch sizes and sequence lengths, one subprocess per configuration by default;
@@ -10,5 +11,7 @@
 * :mod:`~elas_megatron.bench.report`: results.json / results.csv, Markdown tables and the PNG plots.
 * :mod:`~elas_megatron.bench.corpus`: the license-clean English corpus of the quality runs (CPython docs).
 
-The kernel-level benchmarks stay in ``benchmarks/`` (``bench_elas_ffn.py``); these measure whole models.
+* :mod:`~elas_megatron.bench.ffn`: the FFN variants alone (time, saved and peak memory, elas's speed-up next to
+  its 2:4 ceiling, agreement with the reference), and :mod:`~elas_megatron.bench.ffn_pieces`: the elas core's
+  kernels and GEMMs alone (``elas-bench ffn --pieces``).
 """

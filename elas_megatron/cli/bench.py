@@ -7,9 +7,11 @@
   subprocess per configuration; results.json/csv, report.md (printed) and throughput.png in ``--out``.
 * ``elas-bench quality --sizes 60m [--steps N] [--variants ...] [--elas-warmup 0,N] [--data PREFIX]``: the
   variants trained on the same data, seed and tokens; quality.json/md and quality.png (validation perplexity).
-* ``elas-bench ffn [--sizes 60m,350m,1b,7b] [--tokens 8192,32768,131072] [--backend auto]``: the FFN alone
-  (full-rank SwiGLU, cola, elas computed dense, elas), fwd / bwd / fwd+bwd time, saved bytes, elas's speed-up
-  next to its 2:4 ceiling and its agreement with the reference (:mod:`elas_megatron.bench.ffn`); ffn.json/md.
+* ``elas-bench ffn [--sizes 60m,350m,1b,7b] [--tokens 8192,32768,131072] [--backend auto] [--compare ...]
+  [--pieces all]``: the FFN alone (full-rank SwiGLU, cola, elas computed dense, elas, and more elas forms with
+  ``--compare``), fwd / bwd / fwd+bwd time, saved bytes, peak memory, elas's speed-up next to its 2:4 ceiling and
+  its agreement with the reference (:mod:`elas_megatron.bench.ffn`); with ``--pieces`` also the elas core's
+  kernels and GEMMs alone (:mod:`elas_megatron.bench.ffn_pieces`); ffn.json/md.
 * ``elas-bench plot DIR``: report.md and throughput.png again from ``DIR/results.json`` (e.g. after a GPU run
   on a machine without matplotlib).
 """
@@ -74,13 +76,21 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--report-only", action="store_true", help="no training: tables and plot of existing runs")
     q.add_argument("--out", type=Path, default=Path("runs/bench/quality"))
     f = sub.add_parser("ffn", help="the FFN variants alone: time, saved bytes, speed-up vs its 2:4 ceiling")
-    f.add_argument("--sizes", type=_names, default=["60m", "350m", "1b", "7b"], help="configs/model/<size>.yaml")
+    f.add_argument("--sizes", type=_names, default=["60m", "350m", "1b", "7b"],
+                   help="configs/model/<size>.yaml, or HIDDENxDFFxRANK (e.g. 2048x5632x512)")
     f.add_argument("--tokens", type=_ints, default=[8192, 32768, 131072])
     f.add_argument("--backend", default="auto", help="ELAS kernel backend (auto, reference, triton, cusparselt)")
     f.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default=None,
                    help="default: bfloat16 on CUDA, float32 on the CPU")
     f.add_argument("--reps", type=int, default=10, help="timed repetitions (median reported)")
     f.add_argument("--warmup", type=int, default=3)
+    f.add_argument("--compare", type=_names, default=[], metavar="FORMS",
+                   help="more elas rows, comma list of: reference, triton, cusparselt, auto (backends), outside "
+                        "(B_up outside the op), dense-grad-h (grad_h on cuBLAS), torch-cslt (torch._cslt_sparse_mm "
+                        "instead of the binding); triton, cusparselt, dense-grad-h and torch-cslt need CUDA")
+    f.add_argument("--pieces", default=None, metavar="SECTIONS",
+                   help="also the elas core's pieces alone: 'all' (ceilings,fused,core,gemms,sparse_bwd) or a comma "
+                        "list of those and tiles, gemm_tiles (Triton kernels: CUDA, or TRITON_INTERPRET=1)")
     f.add_argument("--out", type=Path, default=Path("runs/bench/ffn"))
     p = sub.add_parser("plot", help="report.md and throughput.png from DIR/results.json")
     p.add_argument("dir", type=Path)
@@ -158,20 +168,34 @@ def _ffn(args) -> int:
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    pieces = None
     try:
         for size in args.sizes:
             ffn.ffn_shape(size)                                      # bad names fail before any work
+        ffn.check_compare(args.compare, device)
+        if args.pieces is not None:
+            from elas_megatron.bench import ffn_pieces
+
+            pieces = ffn_pieces.parse_pieces(args.pieces)
     except ValueError as exc:
         raise SystemExit(f"elas-bench ffn: {exc}") from None
+    def log(text: str) -> None:
+        print(text, flush=True)
+
     rows = ffn.run_ffn_bench(args.sizes, args.tokens, device=device, dtype=dtype, backend=args.backend,
-                             reps=args.reps, warmup=args.warmup, log=lambda text: print(text, flush=True))
+                             reps=args.reps, warmup=args.warmup, compare=tuple(args.compare), log=log)
+    result: dict = {"rows": rows}
+    text = ffn.format_rows(rows)
+    if pieces:
+        result["pieces"] = ffn_pieces.run_pieces(pieces, args.sizes, args.tokens, device=device, dtype=dtype,
+                                                 reps=args.reps, warmup=args.warmup, log=log)
+        text += "\n\n" + ffn_pieces.format_pieces(result["pieces"])
     args.out.mkdir(parents=True, exist_ok=True)
     meta = {"command": " ".join(["elas-bench", *sys.argv[1:]]), "device": str(device), "dtype": str(dtype),
             "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None, "torch": torch.__version__}
-    (args.out / "ffn.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
-    (args.out / "ffn.md").write_text(f"`{meta['command']}` on {meta['gpu'] or 'CPU'}, {dtype}\n\n"
-                                     + ffn.format_rows(rows) + "\n")
-    return 0
+    (args.out / "ffn.json").write_text(json.dumps({"meta": meta, **result}, indent=1, default=str) + "\n")
+    (args.out / "ffn.md").write_text(f"`{meta['command']}` on {meta['gpu'] or 'CPU'}, {dtype}\n\n{text}\n")
+    return 0 if not any("error" in sec for sec in result.get("pieces", {}).values()) else 1
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -145,8 +145,8 @@ def transposed_result_ok(dtype: torch.dtype) -> bool:
 
     Not for fp16: on an H100 (torch 2.11, cuSPARSELt 0.8) cuSPARSELt's algorithm search for an fp16 GEMM with a
     column-major result failed with "internal error" followed by "illegal instruction" (poisoning the CUDA
-    context), already at 128x128x64; fp16 with a row-major result and every bf16 configuration pass. This was
-    the fp16 fault seen in session 1 (docs/kernels.md).
+    context), already at 128x128x64; fp16 with a row-major result and every bf16 configuration pass
+    (docs/kernels.md, "fp16").
     """
     return dtype != torch.float16
 

@@ -154,7 +154,7 @@ if tk.HAS_TRITON:
                  mask=(rm < R)[:, None] & (rn < N)[None, :])
 
 
-# (BM, BN, BK, num_warps, num_stages) per kernel; benchmarks/bench_elas_ffn.py sweeps these on the GPU.
+# (BM, BN, BK, num_warps, num_stages) per kernel; `elas-bench ffn --pieces gemm_tiles` sweeps these on the GPU.
 GEMM_TILES = {"fwd": (64, 256, 64, 8, 3), "grad_input": (128, 256, 64, 8, 3), "grad_weight": (128, 128, 64, 8, 3)}
 
 

@@ -292,7 +292,7 @@ if HAS_TRITON:
             tl.store(gyc_ptr + rows[:, None].to(tl.int64) * stride_c + hcols[None, :], comp, mask=c_ok)
 
 
-# Tile sizes: (rows, features, warps), the fastest of benchmarks/bench_elas_ffn.py's sweep on an H100 (1B shape,
+# Tile sizes: (rows, features, warps), the fastest of `elas-bench ffn --pieces tiles` on an H100 (1B shape,
 # T=64k; the spread over tiles was under 15%). The cuSPARSELt writer needs rows % 16 == 0 and features % 32 == 0.
 _COMPRESS_TILE = (16, 128, 4)
 _ELEMWISE_TILE = (16, 256, 4)

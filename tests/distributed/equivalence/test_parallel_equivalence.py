@@ -1,4 +1,4 @@
-"""Every parallel layout and optimizer backend trains like the single-process run (issue 3's proof, on CPU/gloo).
+"""Every parallel layout and optimizer backend trains like the single-process run (the proof, on CPU/gloo).
 
 Three launches (``run_cases.py``): two torchrun jobs of 2 and 4 processes that train ~50 tiny layouts between
 them, and one single process that produces the reference losses and resumes the TP=2 / PP=2 checkpoints in the
