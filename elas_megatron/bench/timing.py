@@ -35,6 +35,7 @@ _PATTERNS = (
     (re.compile(r"(^|\.)layers\.\d+\.self_attention$"), "attention"),
     (re.compile(r"(^|\.)layers\.\d+\.mlp$"), "ffn"),
     (re.compile(r"(^|\.)output_layer$"), "output_layer"),
+    (re.compile(r"(^|\.)output_loss$"), "output_layer"),  # model.loss_backend=liger: output layer + loss fused
 )
 CATEGORIES = ("attention", "core_attention", "ffn", "output_layer")
 """``core_attention`` (the softmax-attention kernel, SDPA or megatron's local one) is part of ``attention``

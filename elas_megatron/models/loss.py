@@ -16,11 +16,24 @@ from megatron.core.utils import get_pg_size
 
 from elas_megatron.kernels.cross_entropy import fused_linear_cross_entropy
 
-__all__ = ["FusedLossGPTModel"]
+__all__ = ["FusedLossGPTModel", "FusedOutputLoss"]
+
+
+class FusedOutputLoss(torch.nn.Module):
+    """The fused op as a module of its own (no parameters: it reads the output layer's weight), so that hooks by
+    module name -- the benchmarks' time split -- see the output layer + loss where the logits GEMM would be."""
+
+    def forward(self, hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
+                keep: torch.Tensor | None) -> torch.Tensor:
+        return fused_linear_cross_entropy(hidden, weight, target, keep)
 
 
 class FusedLossGPTModel(GPTModel):
     """``GPTModel`` whose loss is computed by the fused linear cross-entropy (see the module docstring)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.output_loss = FusedOutputLoss()
 
     def _fused_loss_applies(self, labels, kwargs: dict) -> bool:
         return (labels is not None and self.post_process and not kwargs.get("mtp_in_postprocess")
@@ -34,5 +47,5 @@ class FusedLossGPTModel(GPTModel):
         s, b, h = hidden_states.shape
         target = labels.transpose(0, 1).reshape(-1)                                 # [s * b]
         keep = None if loss_mask is None else loss_mask.transpose(0, 1).reshape(-1) != 0
-        loss = fused_linear_cross_entropy(hidden_states.reshape(s * b, h), self.output_layer.weight, target, keep)
+        loss = self.output_loss(hidden_states.reshape(s * b, h), self.output_layer.weight, target, keep)
         return loss.view(s, b).transpose(0, 1).contiguous()                          # [b, s], as megatron's
