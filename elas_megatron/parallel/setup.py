@@ -12,6 +12,7 @@ that never joined; torch only says which store keys it waited for) and where the
 """
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import socket
@@ -160,6 +161,7 @@ def initialize_parallel(parallel: ParallelConfig, *, seed: int, device: str = "a
                            f"{parallel.tp * parallel.pp}")
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
+        _destroy_subgroups()
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=parallel.tp,
         pipeline_model_parallel_size=parallel.pp,
@@ -177,6 +179,21 @@ def initialize_parallel(parallel: ParallelConfig, *, seed: int, device: str = "a
         device=dev, board=board)
     logger.debug("parallel layout: %s", info)
     return info
+
+
+def _destroy_subgroups() -> None:
+    """Destroy every process group but the world (all ranks call this, as they created them).
+
+    Why: megatron's ``destroy_model_parallel`` only forgets its groups; torch keeps each one registered, and a gloo
+    group keeps its connection threads. A process that lays out a new model-parallel layout over the same world
+    (the equivalence tests run ~50 layouts per torchrun job) otherwise piles up thousands of gloo threads whose
+    polling ends up taking most of the CPU.
+    """
+    world = dist.GroupMember.WORLD
+    for group in list(dist.distributed_c10d._world.pg_map):
+        if group is not world:
+            dist.destroy_process_group(group)
+    gc.collect()  # the groups' last references (old models, optimizers) go now, and with them their threads
 
 
 def destroy_parallel() -> None:

@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 import os
 import socket
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import subprocs
 
 SCRIPT = Path(__file__).parent / "scripts" / "tp_equivalence.py"
 
@@ -25,7 +25,7 @@ def results(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("tp_equivalence")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
            str(_free_port()), str(SCRIPT), "--out", str(out)]
-    proc = subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
+    proc = subprocs.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
                           timeout=240)
     assert proc.returncode == 0, f"torchrun failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
     return json.loads((out / "results.json").read_text())

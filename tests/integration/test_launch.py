@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import subprocs
 import torch
 
 from elas_megatron.cli.eval import main as eval_main
@@ -48,9 +49,13 @@ def test_two_node_pipeline_matches_one_process_and_its_checkpoint_exports(tmp_pa
     nodes = [subprocess.Popen(
         ["launch/torchrun.sh", "--nnodes", "2", "--node-rank", str(rank), "--nproc-per-node", "1",
          "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "test", *CONFIG, "parallel.pp=2",
-         f"train.run_dir={two_node}"], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        for rank in range(2)]
-    outputs = [node.communicate(timeout=180)[0] for node in nodes]
+         f"train.run_dir={two_node}"], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True) for rank in range(2)]
+    try:
+        outputs = [node.communicate(timeout=180)[0] for node in nodes]
+    finally:
+        for node in nodes:
+            subprocs.kill_group(node)
     for node, out in zip(nodes, outputs, strict=True):
         assert node.returncode == 0, out[-3000:]
     assert "world 2 = dp 1 x tp 1 x pp 2" in outputs[0] and "memory/GPU" not in outputs[1]

@@ -9,6 +9,8 @@ import sys
 import time
 from pathlib import Path
 
+import subprocs
+
 from elas_megatron.training.metrics import read_metrics
 
 REPO = Path(__file__).resolve().parents[2]
@@ -32,21 +34,25 @@ def cmd(run_dir: Path, *extra: str) -> list[str]:
 def test_sigterm_saves_and_resume_matches_an_uninterrupted_run(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     full = tmp_path / "full"
-    assert subprocess.run(cmd(full), cwd=REPO, env=env, capture_output=True, timeout=300).returncode == 0
+    assert subprocs.run(cmd(full), cwd=REPO, env=env, capture_output=True, timeout=300).returncode == 0
     part = tmp_path / "part"
-    proc = subprocess.Popen(cmd(part), cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    metrics = part / "metrics.jsonl"
-    deadline = time.time() + 240
-    while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 5):
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
-    stdout, stderr = proc.communicate(timeout=240)
+    proc = subprocess.Popen(cmd(part), cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        metrics = part / "metrics.jsonl"
+        deadline = time.time() + 240
+        while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 5):
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=240)
+    finally:
+        subprocs.kill_group(proc)
     assert proc.returncode == 0, stderr[-2000:]
     assert "stopped by SIGTERM" in stdout and "--resume" in stdout
     stopped_at = max(losses(part))
     assert stopped_at < 40
     assert (part / "checkpoints" / "latest").read_text().strip() == f"step_{stopped_at:08d}"
-    resumed = subprocess.run(cmd(part, "--resume"), cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    resumed = subprocs.run(cmd(part, "--resume"), cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     a, b = losses(full), losses(part)
     assert sorted(b) == list(range(1, 41))

@@ -18,11 +18,11 @@ import importlib.util
 import json
 import os
 import socket
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import subprocs
 
 HERE = Path(__file__).parent
 SCRIPT = HERE / "run_cases.py"
@@ -47,7 +47,7 @@ def _run(args: list[str], nproc: int | None, timeout_s: int, **env: str) -> None
     if nproc:
         cmd += ["-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port", str(_free_port())]
     cmd += [str(SCRIPT)] + args
-    proc = subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1", **env), capture_output=True, text=True,
+    proc = subprocs.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1", **env), capture_output=True, text=True,
                           timeout=timeout_s)
     assert proc.returncode == 0, f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n" \
                                  f"{proc.stderr[-8000:]}"
