@@ -136,14 +136,15 @@ class MegatronMPU:
 
         self.ps = parallel_state
 
-    def get_data_parallel_group(self):
-        return self.ps.get_data_parallel_group()
+    _DELEGATED = frozenset(f"get_{kind}_{what}" for kind in ("data_parallel", "tensor_model_parallel",
+                                                              "pipeline_model_parallel")
+                           for what in ("group", "rank", "world_size")) | {"get_tensor_model_parallel_src_rank"}
+    """The getters ``parallel_state`` has under the names DeepSpeed reads, passed through unchanged."""
 
-    def get_data_parallel_rank(self) -> int:
-        return self.ps.get_data_parallel_rank()
-
-    def get_data_parallel_world_size(self) -> int:
-        return self.ps.get_data_parallel_world_size()
+    def __getattr__(self, name: str):
+        if name in MegatronMPU._DELEGATED:
+            return getattr(self.ps, name)
+        raise AttributeError(f"{type(self).__name__} has no {name!r}")
 
     def get_model_parallel_group(self):
         return self.ps.get_model_parallel_group()
@@ -153,27 +154,6 @@ class MegatronMPU:
 
     def get_model_parallel_world_size(self) -> int:
         return dist.get_world_size(group=self.ps.get_model_parallel_group())
-
-    def get_tensor_model_parallel_group(self):
-        return self.ps.get_tensor_model_parallel_group()
-
-    def get_tensor_model_parallel_rank(self) -> int:
-        return self.ps.get_tensor_model_parallel_rank()
-
-    def get_tensor_model_parallel_world_size(self) -> int:
-        return self.ps.get_tensor_model_parallel_world_size()
-
-    def get_tensor_model_parallel_src_rank(self) -> int:
-        return self.ps.get_tensor_model_parallel_src_rank()
-
-    def get_pipeline_model_parallel_group(self):
-        return self.ps.get_pipeline_model_parallel_group()
-
-    def get_pipeline_model_parallel_rank(self) -> int:
-        return self.ps.get_pipeline_model_parallel_rank()
-
-    def get_pipeline_model_parallel_world_size(self) -> int:
-        return self.ps.get_pipeline_model_parallel_world_size()
 
 
 class DeepSpeedZeRO:
