@@ -139,9 +139,6 @@ def test_graph_sees_imports_inside_functions():
 
 
 @pytest.mark.skipif(shutil.which("duplicates") is None, reason="the duplicates command is not installed")
-@pytest.mark.xfail(strict=False, reason="5 places left: the tile prologues of kernels/triton_sparse24.py "
-                   "(_decompress_kernel / _masked_grad_kernel) and kernels/triton_gemm.py want a shared @triton.jit "
-                   "helper, checked on GPU; the other three are same-shape dataclass fields and argument checks")
 def test_few_duplicated_places():
     out = subprocess.run(["duplicates", "--repo", str(PACKAGE), "--most", "50", "--seconds", "60"],
                          capture_output=True, text=True, timeout=300).stdout
