@@ -38,7 +38,7 @@ def _bigram_model(texts: list[str]) -> dict[str, list[str]]:
 
 def make_c4_like_shards(out_dir: Path, total_mb: float, shards: int, seed: int = 0) -> list[Path]:
     """C4-like shards of ``total_mb`` MB of text in all (documents ~2.2 kB on average, as in C4)."""
-    from elas_megatron.data.demo import demo_documents
+    from elas_megatron.prep.demo import demo_documents
 
     rng = random.Random(seed)
     model = _bigram_model([r["text"] for r in demo_documents()])
@@ -80,7 +80,7 @@ def _shards(directory: Path, total_mb: float, count: int) -> list[Path]:
 
 
 def time_plain_reader(paths: list[Path]) -> tuple[float, int, int]:
-    from elas_megatron.data.sources import expand_inputs, iter_blocks, parse_block
+    from elas_megatron.prep.sources import expand_inputs, iter_blocks, parse_block
 
     start = time.perf_counter()
     docs = nbytes = 0
@@ -118,8 +118,8 @@ def _cpu_seconds() -> float:
 
 
 def time_tokenize(paths: list[Path], tokenizer_path: str, out: str, workers: int, mode: str) -> dict:
-    from elas_megatron.data.pipeline import TokenizeOptions, tokenize_corpus
-    from elas_megatron.data.sources import expand_inputs
+    from elas_megatron.prep.pipeline import TokenizeOptions, tokenize_corpus
+    from elas_megatron.prep.sources import expand_inputs
     from elas_megatron.data.tokenizer import load_tokenizer
 
     tok = load_tokenizer(tokenizer_path)
@@ -154,8 +154,8 @@ def main(argv: list[str] | None = None) -> int:
     if tokenizers is None:
         model = work / "sp32k-unigram.model"
         if not model.exists():
-            from elas_megatron.data.sources import expand_inputs, iter_texts
-            from elas_megatron.data.tokenizer import train_tokenizer
+            from elas_megatron.prep.sources import expand_inputs, iter_texts
+            from elas_megatron.prep.tokenizer_training import train_tokenizer
 
             texts = (t for i, t in enumerate(iter_texts(expand_inputs([str(one[0])]))) if i < 20000)
             train_tokenizer(texts, str(model.with_suffix("")), vocab_size=32000)

@@ -5,4 +5,4 @@
 #   bash data_prep/build_demo.sh [--skip-corpus] [--skip-tokenizer]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-exec "${PYTHON:-python3}" -m elas_megatron.data.demo "$@"
+exec "${PYTHON:-python3}" -m elas_megatron.prep.demo "$@"

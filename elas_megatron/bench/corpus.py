@@ -83,7 +83,7 @@ def corpus_documents(source: Path, *, seed: int = 0) -> list[dict[str, str]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from elas_megatron.data.demo import write_corpus
+    from elas_megatron.prep.demo import write_corpus
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--source", type=Path, default=Path("/usr/share/doc/python3.11/html/_sources"),

@@ -203,22 +203,24 @@ def markdown_report(rows: list[dict], meta: dict | None = None) -> str:
     return "\n".join(out) + "\n"
 
 
-def _pyplot():
-    import matplotlib
+def _pyplot(path: Path, then: str):
+    """matplotlib's pyplot (Agg), or None with a warning that ``path`` is not drawn and what to run after
+    installing it."""
+    try:
+        import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        logger.warning("matplotlib is not installed: %s not drawn (pip install matplotlib; then %s)", path, then)
+        return None
     return plt
 
 
 def plot_throughput(rows: list[dict], path: Path) -> bool:
     """tokens/s and peak memory vs micro-batch, one line per variant; False (and a warning) without matplotlib."""
-    try:
-        plt = _pyplot()
-    except ImportError:
-        logger.warning("matplotlib is not installed: %s not drawn (pip install matplotlib; then elas-bench plot "
-                       "%s)", path, path.parent)
+    plt = _pyplot(path, f"elas-bench plot {path.parent}")
+    if plt is None:
         return False
     groups = _groups(rows)
     fig, axes = plt.subplots(len(groups), 2, figsize=(11, 3.6 * len(groups)), squeeze=False)
@@ -258,11 +260,8 @@ def plot_throughput(rows: list[dict], path: Path) -> bool:
 
 def plot_quality(runs: list[dict], path: Path) -> bool:
     """Validation perplexity vs training tokens, one line per run; False (and a warning) without matplotlib."""
-    try:
-        plt = _pyplot()
-    except ImportError:
-        logger.warning("matplotlib is not installed: %s not drawn (pip install matplotlib; then elas-bench quality "
-                       "--report-only)", path)
+    plt = _pyplot(path, "elas-bench quality --report-only")
+    if plt is None:
         return False
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
     for run in runs:

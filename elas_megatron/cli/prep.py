@@ -49,8 +49,8 @@ def _config_check(args, tokenizer) -> None:
 
 
 def _cmd_tokenize(args) -> int:
-    from elas_megatron.data.pipeline import TokenizeError, TokenizeOptions, tokenize_corpus
-    from elas_megatron.data.sources import expand_inputs
+    from elas_megatron.prep.pipeline import TokenizeError, TokenizeOptions, tokenize_corpus
+    from elas_megatron.prep.sources import expand_inputs
     from elas_megatron.data.tokenizer import load_tokenizer
 
     tokenizer_path = args.tokenizer
@@ -78,7 +78,7 @@ def _cmd_tokenize(args) -> int:
 
 def _sample_texts(args) -> Iterator[str]:
     """Up to --sample-docs documents, spread over the shards in a seeded random order."""
-    from elas_megatron.data.sources import expand_inputs, iter_blocks, parse_block
+    from elas_megatron.prep.sources import expand_inputs, iter_blocks, parse_block
 
     sources = expand_inputs(args.input)
     random.Random(args.seed).shuffle(sources)
@@ -100,7 +100,8 @@ def _sample_texts(args) -> Iterator[str]:
 
 
 def _cmd_train_tokenizer(args) -> int:
-    from elas_megatron.data.tokenizer import load_tokenizer, train_tokenizer
+    from elas_megatron.data.tokenizer import load_tokenizer
+    from elas_megatron.prep.tokenizer_training import train_tokenizer
 
     print(f"elas-prep: training a {args.vocab_size}-piece {args.model_type} tokenizer on up to {args.sample_docs:,} "
           "documents (sentencepiece prints nothing meanwhile; large vocabularies take minutes)", file=sys.stderr)
@@ -239,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging(args.verbose)
     from elas_megatron.config.schema import ConfigError
-    from elas_megatron.data.pipeline import TokenizeError
+    from elas_megatron.prep.pipeline import TokenizeError
 
     try:
         return args.func(args)

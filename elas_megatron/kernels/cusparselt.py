@@ -16,6 +16,8 @@ import os
 
 import torch
 
+from elas_megatron.kernels.cusparselt_lib import transposed_result_ok
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["cusparselt_unavailable_reason", "cslt_mm", "cslt_search_alg_id", "CsltConfig", "IMPL_ENV",
@@ -138,17 +140,6 @@ def _binding_ok(device: torch.device, dtype: torch.dtype) -> bool:
     else:
         logger.warning("cuSPARSELt: using torch._cslt_sparse_mm (re-plans every call): %s", reason)
     return reason is None
-
-
-def transposed_result_ok(dtype: torch.dtype) -> bool:
-    """Whether configurations with a column-major result (``transpose_result``) may be used for ``dtype``.
-
-    Not for fp16: on an H100 (torch 2.11, cuSPARSELt 0.8) cuSPARSELt's algorithm search for an fp16 GEMM with a
-    column-major result failed with "internal error" followed by "illegal instruction" (poisoning the CUDA
-    context), already at 128x128x64; fp16 with a row-major result and every bf16 configuration pass
-    (docs/kernels.md, "fp16").
-    """
-    return dtype != torch.float16
 
 
 def cslt_search_alg_id(buffer: torch.Tensor, weight: torch.Tensor, cfg: CsltConfig) -> int:

@@ -27,7 +27,7 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["binding_unavailable_reason", "lib_mm", "clear_lib_plans"]
+__all__ = ["binding_unavailable_reason", "lib_mm", "clear_lib_plans", "transposed_result_ok"]
 
 # Opaque structs are 512 bytes (cuSPARSELt 0.10) or 1024 (older releases); reserve more, 16-byte aligned.
 _STRUCT_BYTES = 2048
@@ -51,6 +51,17 @@ _SIGNATURES = {
     "cusparseLtMatmulGetWorkspace": [_P, _P, _P],
     "cusparseLtMatmul": [_P, _P, _P, _P, _P, _P, _P, _P, _P, _P, ctypes.c_int32],
 }
+
+
+def transposed_result_ok(dtype: torch.dtype) -> bool:
+    """Whether configurations with a column-major result (``transpose_result``) may be used for ``dtype``.
+
+    Not for fp16: on an H100 (torch 2.11, cuSPARSELt 0.8) cuSPARSELt's algorithm search for an fp16 GEMM with a
+    column-major result failed with "internal error" followed by "illegal instruction" (poisoning the CUDA
+    context), already at 128x128x64; fp16 with a row-major result and every bf16 configuration pass
+    (docs/kernels.md, "fp16").
+    """
+    return dtype != torch.float16
 
 
 class _Struct:
@@ -206,8 +217,6 @@ def binding_unavailable_reason(device_index: int, dtype: torch.dtype) -> str | N
     weight = torch.randn(256, 128, device=dev, generator=g).to(dtype)
     try:
         compressed = torch._cslt_compress(dense)
-        from elas_megatron.kernels.cusparselt import transposed_result_ok
-
         for col_major in (False, True):
             for transpose_result in (False, True) if transposed_result_ok(dtype) else (False,):
                 w = weight.t().contiguous().t() if col_major else weight

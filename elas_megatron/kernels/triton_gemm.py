@@ -29,20 +29,27 @@ if tk.HAS_TRITON:
                                                        _relu2_select)
 
     @triton.jit
-    def _fwd_kernel(y_ptr, w_ptr, z_ptr, vals_ptr, meta_ptr,
-                    M, N, K, K_store, stride_y, stride_w, stride_z, stride_v, stride_m,
-                    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, WRITE_S: tl.constexpr):
-        G: tl.constexpr = BK // 4
-        W: tl.constexpr = BK // 16
+    def _row_major_tile(M, N, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+        """The output tile of program_id(0), column blocks of one row block side by side (they share the A rows
+        in L2): its column block, row (int64) and column offsets, the K offsets of one step, and the row mask."""
         pid = tl.program_id(0)
         num_pid_n = tl.cdiv(N, BN)
-        pid_m = pid // num_pid_n                      # column blocks of one row block run side by side (L2)
+        pid_m = pid // num_pid_n
         pid_n = pid % num_pid_n
         rm = pid_m * BM + tl.arange(0, BM)
         rn = pid_n * BN + tl.arange(0, BN)
         rk = tl.arange(0, BK)
         rm64 = rm.to(tl.int64)
         m_ok = rm < M
+        return pid_n, rn, rk, rm64, m_ok
+
+    @triton.jit
+    def _fwd_kernel(y_ptr, w_ptr, z_ptr, vals_ptr, meta_ptr,
+                    M, N, K, K_store, stride_y, stride_w, stride_z, stride_v, stride_m,
+                    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, WRITE_S: tl.constexpr):
+        G: tl.constexpr = BK // 4
+        W: tl.constexpr = BK // 16
+        pid_n, rn, rk, rm64, m_ok = _row_major_tile(M, N, BM, BN, BK)
         acc = tl.zeros((BM, BN), dtype=tl.float32)
         for k0 in range(0, K, BK):                  # the last tile also covers the stored padding to 16
             cols = k0 + rk
@@ -79,15 +86,7 @@ if tk.HAS_TRITON:
                            MASKED: tl.constexpr, CSLT: tl.constexpr, WRITE_DENSE: tl.constexpr):
         G: tl.constexpr = BN // 4
         W: tl.constexpr = BN // 16
-        pid = tl.program_id(0)
-        num_pid_n = tl.cdiv(N, BN)
-        pid_m = pid // num_pid_n
-        pid_n = pid % num_pid_n
-        rm = pid_m * BM + tl.arange(0, BM)
-        rn = pid_n * BN + tl.arange(0, BN)
-        rk = tl.arange(0, BK)
-        rm64 = rm.to(tl.int64)
-        m_ok = rm < M
+        pid_n, rn, rk, rm64, m_ok = _row_major_tile(M, N, BM, BN, BK)
         n_ok = rn < N
         acc = tl.zeros((BM, BN), dtype=tl.float32)
         for k0 in range(0, K, BK):

@@ -228,9 +228,11 @@ if HAS_TRITON:
         return _join4(d0, d1, d2, d3, BT, G)
 
     @triton.jit
-    def _decompress_kernel(vals_ptr, meta_ptr, out_ptr, n_rows, n_cols, cols_pad,
-                           stride_v, stride_m, stride_o,
-                           BT: tl.constexpr, BF: tl.constexpr, CSLT: tl.constexpr):
+    def _load_compressed_tile(vals_ptr, meta_ptr, n_rows, n_cols, cols_pad, stride_v, stride_m,
+                              BT: tl.constexpr, BF: tl.constexpr, CSLT: tl.constexpr):
+        """The compressed tile (program_id(0) rows x program_id(1) features) of an element-wise kernel: its rows
+        ([BT]) and row mask, the half-width columns ([BF/2]) of the kept values, the kept values (v0, v1: [BT, BF/4])
+        and the group codes ([BT, BF/4])."""
         G: tl.constexpr = BF // 4
         W: tl.constexpr = BF // 16
         pid_r = tl.program_id(0)
@@ -244,6 +246,16 @@ if HAS_TRITON:
         v0, v1 = tl.split(tl.reshape(v, (BT, G, 2)))
         nib = _load_meta_nibbles(meta_ptr, rows.to(tl.int64), pid_c * W, stride_m, cols_pad,
                                  (n_cols + 15) // 16, row_ok, BT, W, CSLT)
+        return rows, row_ok, hcols, v0, v1, nib
+
+    @triton.jit
+    def _decompress_kernel(vals_ptr, meta_ptr, out_ptr, n_rows, n_cols, cols_pad,
+                           stride_v, stride_m, stride_o,
+                           BT: tl.constexpr, BF: tl.constexpr, CSLT: tl.constexpr):
+        G: tl.constexpr = BF // 4
+        pid_c = tl.program_id(1)
+        rows, row_ok, hcols, v0, v1, nib = _load_compressed_tile(vals_ptr, meta_ptr, n_rows, n_cols, cols_pad,
+                                                                 stride_v, stride_m, BT, BF, CSLT)
         dense = _expand(v0, v1, nib, BT, G)
         cols = pid_c * BF + tl.arange(0, BF)
         tl.store(out_ptr + rows[:, None].to(tl.int64) * stride_o + cols[None, :], dense,
@@ -255,18 +267,9 @@ if HAS_TRITON:
                             BT: tl.constexpr, BF: tl.constexpr, CSLT: tl.constexpr, WRITE_DENSE: tl.constexpr,
                             WRITE_COMPRESSED: tl.constexpr):
         G: tl.constexpr = BF // 4
-        W: tl.constexpr = BF // 16
-        pid_r = tl.program_id(0)
         pid_c = tl.program_id(1)
-        rows = pid_r * BT + tl.arange(0, BT)
-        row_ok = rows < n_rows
-        n_half = (n_cols + 1) // 2
-        hcols = pid_c * (BF // 2) + tl.arange(0, BF // 2)
-        v = tl.load(vals_ptr + rows[:, None].to(tl.int64) * stride_v + hcols[None, :],
-                    mask=row_ok[:, None] & (hcols < n_half)[None, :], other=0.0)
-        v0, v1 = tl.split(tl.reshape(v, (BT, G, 2)))
-        nib = _load_meta_nibbles(meta_ptr, rows.to(tl.int64), pid_c * W, stride_m, cols_pad,
-                                 (n_cols + 15) // 16, row_ok, BT, W, CSLT)
+        rows, row_ok, hcols, v0, v1, nib = _load_compressed_tile(vals_ptr, meta_ptr, n_rows, n_cols, cols_pad,
+                                                                 stride_v, stride_m, BT, BF, CSLT)
         f0 = 2.0 * tl.sqrt(v0.to(tl.float32))                             # d(r^2)/dy1 = 2 r = 2 sqrt(s)
         f1 = 2.0 * tl.sqrt(v1.to(tl.float32))
         factor = _expand(f0, f1, nib, BT, G)

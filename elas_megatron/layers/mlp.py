@@ -107,6 +107,8 @@ class ElasMLP(MegatronModule):
         sparse24_grad: ``model.sparse24_grad``, ``"masked"`` (straight-through to the kept entries) or ``"dense"``.
         kernel_backend: passed to :func:`relu2_sparse24_matmul` (``"auto"`` picks the fastest available).
 
+    Implements :class:`elas_megatron.sparsity.schedule.SwitchableSparsity`.
+
     Attributes:
         sparse_active: runtime switch of the dense warm-up, set by
             :class:`elas_megatron.sparsity.schedule.SparsitySchedule`; sparsity applies when

@@ -3,8 +3,10 @@
 
 Early in training the activations change fast and a 2:4 pattern chosen from random weights discards signal;
 ``model.dense_warmup_steps`` trains the same network computed dense for the first N steps (step indices
-``0 .. N-1``), after which every :class:`~elas_megatron.layers.mlp.ElasMLP` applies the 2:4 selection. The
-schedule is a pure function of the step, so resuming from a checkpoint needs no extra state.
+``0 .. N-1``), after which every :class:`SwitchableSparsity` module (the ELAS FFN,
+:class:`~elas_megatron.layers.mlp.ElasMLP`) applies the 2:4 selection. The schedule is a pure function of the
+step, so resuming from a checkpoint needs no extra state. The layers implement :class:`SwitchableSparsity`; this
+module never imports them.
 
 :func:`activation_density` reads the density of ``s`` recorded by the last forward (for the
 ``sparsity/act_density`` metric) once tracking is switched on with :func:`set_density_tracking`.
@@ -13,25 +15,44 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Iterator
+from typing import Protocol, runtime_checkable
 
 import torch
 
-from elas_megatron.layers.mlp import ElasMLP
-
-__all__ = ["SparsitySchedule", "activation_density", "elas_mlps", "set_density_tracking"]
+__all__ = ["SwitchableSparsity", "SparsitySchedule", "activation_density", "elas_mlps", "set_density_tracking"]
 
 logger = logging.getLogger(__name__)
+
+
+@runtime_checkable
+class SwitchableSparsity(Protocol):
+    """A module whose 2:4 activation sparsity the schedule switches at run time (the ELAS FFN implements it).
+
+    Attributes:
+        sparse_active: the schedule's switch (the dense warm-up sets it False).
+        is_sparse: whether the next forward applies 2:4 sparsity (``sparse_active`` and the module allows it).
+        track_density: when True, each forward records ``last_density``.
+        last_density: the non-zero fraction of the sparse activation in the last forward, or None.
+    """
+
+    sparse_active: bool
+    track_density: bool
+    last_density: float | None
+
+    @property
+    def is_sparse(self) -> bool: ...
 
 
 def _chunks(model_chunks: torch.nn.Module | Iterable[torch.nn.Module]) -> list[torch.nn.Module]:
     return [model_chunks] if isinstance(model_chunks, torch.nn.Module) else list(model_chunks)
 
 
-def elas_mlps(model_chunks: torch.nn.Module | Iterable[torch.nn.Module]) -> Iterator[ElasMLP]:
-    """Every :class:`ElasMLP` in a model or list of model chunks (wrappers such as DDP are looked through)."""
+def elas_mlps(model_chunks: torch.nn.Module | Iterable[torch.nn.Module]) -> Iterator[SwitchableSparsity]:
+    """Every :class:`SwitchableSparsity` module (ElasMLP) in a model or list of model chunks (wrappers such as
+    DDP are looked through)."""
     for chunk in _chunks(model_chunks):
         for module in chunk.modules():
-            if isinstance(module, ElasMLP):
+            if isinstance(module, SwitchableSparsity):
                 yield module
 
 

@@ -2,8 +2,8 @@
 
 One code path for every layout: the step always runs through Megatron-Core's ``get_forward_backward_func``
 (no pipelining, 1F1B, or interleaved 1F1B). The data-parallel optimizer backend (``parallel.optimizer``) is
-either megatron-core's DDP + (distributed) optimizer or DeepSpeed ZeRO-1/2 (:mod:`elas_megatron.training.optim`,
-:mod:`elas_megatron.parallel.zero`); both plug into the schedule through its hooks (``finalize_model_grads_func``
+either megatron-core's DDP + (distributed) optimizer or DeepSpeed ZeRO-1/2, behind one interface
+(:mod:`elas_megatron.training.optimizers`); both plug into the schedule through its hooks (``finalize_model_grads_func``
 etc.). A single-process CPU run is simply the layout TP=PP=DP=1.
 
 Reliability (docs/reliability.md): every step passes :class:`~elas_megatron.training.guards.NumericGuard` before
@@ -28,12 +28,11 @@ from elas_megatron.config.loader import config_to_dict, dump_config
 from elas_megatron.config.schema import Config, validate
 from elas_megatron.data.loader import StepBatches
 from elas_megatron.parallel.setup import ParallelInfo, initialize_parallel
-from elas_megatron.parallel.zero import check_deepspeed_config
 from elas_megatron.training.checkpoint import (RNG_KEY, CheckpointError, CheckpointManager, get_rng_state,
                                                 rng_sharded_object, set_rng_state)
 from elas_megatron.training.guards import NumericGuard, Progress, TestFaults, Watchdog, check_density
 from elas_megatron.training.metrics import MetricsLogger
-from elas_megatron.training.optim import build_optimizer_backend, build_scheduler
+from elas_megatron.training.optimizers import backend_class, build_optimizer_backend, build_scheduler
 from elas_megatron.training.signals import StopSignal
 
 logger = logging.getLogger(__name__)
@@ -65,7 +64,7 @@ class Trainer:
         from elas_megatron.models.flops import flops_per_token
         from elas_megatron.sparsity.schedule import SparsitySchedule
 
-        check_deepspeed_config(cfg)
+        backend_class(cfg).check_config(cfg)
         self.info: ParallelInfo = initialize_parallel(cfg.parallel, seed=cfg.train.seed, device=cfg.train.device)
         validate(cfg, self.info.world_size)
         self.cfg = cfg
@@ -148,7 +147,6 @@ class Trainer:
         """Model chunks (one per virtual pipeline stage) on the device, bf16-wrapped, and DDP-wrapped for the
         megatron backend (DeepSpeed reduces gradients itself and gets the bare chunks)."""
         from megatron.core import parallel_state
-        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
         from megatron.core.transformer.module import Float16Module
 
         from elas_megatron.models.gpt import build_model, transformer_config
@@ -161,9 +159,6 @@ class Trainer:
             # the two directions on different process groups, which keeps them apart.
             self.tconfig.batch_p2p_comm = False
         vpp = self.cfg.parallel.vpp
-        ddp_config = DistributedDataParallelConfig(
-            grad_reduce_in_fp32=True, overlap_grad_reduce=False,  # no CUDA streams; see compat/cpu.py (6)
-            use_distributed_optimizer=self.cfg.parallel.optimizer == "megatron" and self.cfg.parallel.zero_stage >= 1)
         chunks = []
         for vp_stage in range(vpp or 1):
             stage = vp_stage if vpp else None
@@ -173,9 +168,7 @@ class Trainer:
                                 vp_stage=stage, config=self.tconfig).to(self.device)
             if self.bf16:
                 chunk = Float16Module(self.tconfig, chunk)
-            if self.cfg.parallel.optimizer == "megatron":
-                chunk = DistributedDataParallel(config=self.tconfig, ddp_config=ddp_config, module=chunk,
-                                                disable_bucketing=vp_stage > 0)
+            chunk = backend_class(self.cfg).wrap_chunk(self.cfg, self.tconfig, chunk, vp_stage=vp_stage)
             chunks.append(chunk)
         n_local = sum(p.numel() for c in chunks for p in c.parameters())
         logger.info("model %s: %.2fM parameters on this rank (tp=%d pp=%d dp=%d, %s)", self.cfg.model.variant,
@@ -392,9 +385,8 @@ class Trainer:
         meta = {"config": config_to_dict(self.cfg), "vocab_size": self.vocab_size,
                 "consumed_samples": self.step * self.cfg.train.global_batch, "layout": self._layout(),
                 "guard": self.guard.state_dict(), "rng_state": True}
-        write_local = getattr(self.backend, "save_optimizer", None)
         self.progress.update(self.step, "checkpoint save", watched=False)  # large saves may take long
-        path = self.ckpt.save(self.step, self._sharded_state_dict(), meta, write_local=write_local)
+        path = self.ckpt.save(self.step, self._sharded_state_dict(), meta, write_local=self.backend.save_optimizer)
         self.progress.update(self.step, "after checkpoint save")
         return path
 
@@ -415,17 +407,9 @@ class Trainer:
             raise CheckpointError(f"checkpoint {path} was saved from a different model ({'; '.join(diffs)}); "
                                   "use a matching config or a different checkpoint.dir")
         saved, now = meta.get("layout", {}), self._layout()
-        saved_backend = saved.get("optimizer", "megatron")
-        if saved_backend != now["optimizer"]:
-            raise CheckpointError(f"checkpoint {path} holds {saved_backend} optimizer state but parallel.optimizer="
-                                  f"{now['optimizer']}; resume with parallel.optimizer={saved_backend}")
-        if now["optimizer"] == "deepspeed":
-            keys = ("tp", "pp", "dp", "vpp", "zero_stage")
-            if any(saved.get(k) != now[k] for k in keys):
-                raise CheckpointError(
-                    f"checkpoint {path} holds per-rank DeepSpeed ZeRO state of the layout "
-                    f"{ {k: saved.get(k) for k in keys} }, which cannot be resharded to { {k: now[k] for k in keys} }; "
-                    "resume with the saved layout (the megatron backend's checkpoints reshard across TP/PP/DP)")
+        reason = self.backend.layout_mismatch(saved, now)
+        if reason is not None:
+            raise CheckpointError(f"checkpoint {path} {reason}")
 
     def _rng_restorable(self, path: Path, meta: dict) -> bool:
         """Whether ``path`` holds RNG states for this layout; if not, rank 0 says so once."""
@@ -452,10 +436,9 @@ class Trainer:
         else:
             for i, chunk in enumerate(models):
                 chunk.load_state_dict(loaded[f"model{i}"])
-        if "optimizer" in loaded:
+        if "optimizer" in loaded:  # the backend's state in the dist checkpoint
             self.backend.load_state_dict(loaded["optimizer"])
-        else:
-            self.backend.load_optimizer(path)
+        self.backend.load_optimizer(path)  # and its per-rank state (DeepSpeed's ZeRO partitions)
         self.scheduler.load_state_dict(loaded["scheduler"])
         self.step = int(loaded["step"])
         self.guard.load_state_dict(meta.get("guard", {}))

@@ -19,8 +19,8 @@ from c4_testdata import REPO, generate_docs, write_shard
 from elas_megatron.config.schema import DataConfig
 from elas_megatron.data.datasets import build_datasets
 from elas_megatron.data.indexed import CorruptDatasetError, ShardWriter
-from elas_megatron.data.pipeline import TokenizeOptions, tokenize_corpus
-from elas_megatron.data.sources import expand_inputs
+from elas_megatron.prep.pipeline import TokenizeOptions, tokenize_corpus
+from elas_megatron.prep.sources import expand_inputs
 
 SEQ = 32
 

@@ -1,94 +1,20 @@
-"""Optimizer backends and the learning-rate schedule.
+"""The ``megatron`` optimizer backend: megatron-core ``DistributedDataParallel`` + ``get_megatron_optimizer``.
 
-Two interchangeable data-parallel optimizer backends, chosen by ``parallel.optimizer``, behind one small
-interface the trainer drives (:class:`MegatronOptimizer` here, :class:`~elas_megatron.parallel.zero.DeepSpeedZeRO`
-for DeepSpeed):
-
-* ``megatron``: megatron-core ``DistributedDataParallel`` chunks + ``get_megatron_optimizer`` (AdamW, fp32 master
-  weights under bf16, global grad-norm clipping over the model-parallel group, and the distributed optimizer --
-  states and gradients sharded over DP -- when ``parallel.zero_stage >= 1``).
-* ``deepspeed``: DeepSpeed ZeRO-1/2 with torch's AdamW (see :mod:`elas_megatron.parallel.zero`).
-
-Both use the same parameter groups (no weight decay on biases and 1-D parameters such as the RMSNorm gains;
-low-rank factors decay like any matrix) and the same linear warm-up + cosine decay through megatron's
-``OptimizerParamScheduler``, so the two backends compute the same update up to floating-point reduction order.
+AdamW with fp32 master weights under bf16, global grad-norm clipping over the model-parallel group, and the
+distributed optimizer (states and gradients sharded over DP) when ``parallel.zero_stage >= 1``. The optimizer
+state goes into megatron's dist checkpoint (reshardable across TP/PP/DP), so the local save/load of
+:class:`~elas_megatron.training.optimizers.backend.OptimizerBackend` are no-ops here.
 """
 from __future__ import annotations
+
+from pathlib import Path
 
 import torch
 
 from elas_megatron.config.schema import Config
+from elas_megatron.training.optimizers.backend import other_backend, use_adam_impl
 
-__all__ = ["warmup_steps", "param_groups", "build_scheduler", "MegatronOptimizer", "build_optimizer_backend",
-           "use_adam_impl"]
-
-
-def warmup_steps(cfg: Config) -> int:
-    if cfg.optim.warmup_steps is not None:
-        return min(cfg.optim.warmup_steps, cfg.train.steps)
-    return int(cfg.optim.warmup_fraction * cfg.train.steps)
-
-
-def param_groups(model_chunks: list[torch.nn.Module]) -> list[dict]:
-    """AdamW groups as megatron's default builds them: ``wd_mult`` 0 for biases and 1-D parameters.
-
-    ``wd_mult`` is read by ``OptimizerParamScheduler`` when it sets each group's weight decay.
-    """
-    decay, no_decay = [], []
-    for chunk in model_chunks:
-        for name, param in chunk.named_parameters():
-            if not param.requires_grad:
-                continue
-            (no_decay if name.endswith(".bias") or param.dim() == 1 else decay).append(param)
-    groups = [{"params": decay, "wd_mult": 1.0, "lr_mult": 1.0}, {"params": no_decay, "wd_mult": 0.0, "lr_mult": 1.0}]
-    return [g for g in groups if g["params"]]
-
-
-def build_scheduler(cfg: Config, optimizer):
-    """Linear warm-up from 0 to ``optim.lr``, cosine decay to ``optim.lr * optim.min_lr_ratio`` at the last step."""
-    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
-
-    o = cfg.optim
-    return OptimizerParamScheduler(
-        optimizer, init_lr=0.0, max_lr=o.lr, min_lr=o.lr * o.min_lr_ratio,
-        lr_warmup_steps=warmup_steps(cfg), lr_decay_steps=cfg.train.steps, lr_decay_style="cosine",
-        start_wd=o.weight_decay, end_wd=o.weight_decay, wd_incr_steps=cfg.train.steps, wd_incr_style="constant",
-        use_checkpoint_opt_param_scheduler=True, override_opt_param_scheduler=False,
-    )
-
-
-def use_adam_impl(optimizer: torch.optim.Optimizer, impl: str) -> str:
-    """Switch a torch Adam/AdamW between its ``foreach`` and ``fused`` kernels; returns the one in use.
-
-    Why here and not at construction: without Apex/TE, megatron builds ``torch.optim.AdamW`` itself with no way
-    to pass ``fused=True``, and its foreach path makes several passes over the fp32 master weights and states
-    (the 1B dense optimizer step took 57 ms on an H100, 11 % of the step). Both kernels compute the same update;
-    torch reads the choice from each param group at every step, so flipping it before the first step -- and
-    again after loading a checkpoint, whose param groups carry the flags they were saved with -- is enough.
-    ``fused`` needs every parameter on CUDA in a floating dtype (``auto`` picks it exactly then); its ``step``
-    counters live on the device, so existing ones are moved there.
-
-    Args:
-        optimizer: a ``torch.optim.Adam``/``AdamW`` (anything else is left alone and reported as "n/a").
-        impl: ``optim.adam_impl``: "auto", "foreach" or "fused".
-    Raises:
-        ValueError: ``fused`` requested for parameters that are not all floating-point CUDA tensors.
-    """
-    if not isinstance(optimizer, torch.optim.Adam | torch.optim.AdamW):
-        return "n/a"
-    params = [p for g in optimizer.param_groups for p in g["params"]]
-    can_fuse = bool(params) and all(p.is_cuda and p.is_floating_point() for p in params)
-    if impl == "fused" and not can_fuse:
-        raise ValueError("optim.adam_impl=fused needs every parameter on a CUDA device; use optim.adam_impl=auto "
-                         "or foreach")
-    fused = impl == "fused" or (impl == "auto" and can_fuse)
-    for group in [*optimizer.param_groups, optimizer.defaults]:
-        group["fused"], group["foreach"] = fused, not fused
-    for p, state in optimizer.state.items():
-        step = state.get("step")
-        if isinstance(step, torch.Tensor):
-            state["step"] = step.to(device=p.device if fused else "cpu", dtype=torch.float32)
-    return "fused" if fused else "foreach"
+__all__ = ["MegatronOptimizer"]
 
 
 class MegatronOptimizer:
@@ -101,6 +27,21 @@ class MegatronOptimizer:
     """
 
     name = "megatron"
+
+    @staticmethod
+    def check_config(cfg: Config) -> None:
+        """Nothing beyond ``validate``."""
+
+    @staticmethod
+    def wrap_chunk(cfg: Config, tconfig, chunk: torch.nn.Module, *, vp_stage: int) -> torch.nn.Module:
+        """The chunk in megatron DDP (its gradient buffers; sharded over DP for the distributed optimizer)."""
+        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+        ddp_config = DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True, overlap_grad_reduce=False,  # no CUDA streams; see compat/cpu.py (6)
+            use_distributed_optimizer=cfg.parallel.zero_stage >= 1)
+        return DistributedDataParallel(config=tconfig, ddp_config=ddp_config, module=chunk,
+                                       disable_bucketing=vp_stage > 0)
 
     def __init__(self, cfg: Config, model_chunks: list, *, bf16: bool) -> None:
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
@@ -187,6 +128,17 @@ class MegatronOptimizer:
             _restore_adam_steps(opt, sd)
         self._apply_adam_impl()
 
+    def save_optimizer(self, directory: Path) -> None:
+        """Nothing to write: the optimizer state is in the dist checkpoint (:meth:`sharded_state_dict`)."""
+
+    def load_optimizer(self, directory: Path) -> None:
+        """Nothing to read: :meth:`load_state_dict` got the state from the dist checkpoint."""
+
+    @staticmethod
+    def layout_mismatch(saved: dict, now: dict) -> str | None:
+        """Only another backend's state is unreadable: dist checkpoints reshard across TP/PP/DP and ZeRO stages."""
+        return other_backend(saved, now)
+
     def close(self) -> None:
         """Nothing to release."""
 
@@ -220,12 +172,3 @@ def _restore_adam_steps(opt, state: dict) -> None:
     for param_state in opt.optimizer.state.values():
         if "step" in param_state:
             param_state["step"] = torch.tensor(step, dtype=torch.float32)
-
-
-def build_optimizer_backend(cfg: Config, model_chunks: list, *, bf16: bool, dp_size: int):
-    """The backend named by ``parallel.optimizer`` over ``model_chunks`` (wrapped as that backend needs)."""
-    if cfg.parallel.optimizer == "deepspeed":
-        from elas_megatron.parallel.zero import DeepSpeedZeRO
-
-        return DeepSpeedZeRO(cfg, model_chunks, param_groups(model_chunks), dp_size=dp_size, bf16=bf16)
-    return MegatronOptimizer(cfg, model_chunks, bf16=bf16)

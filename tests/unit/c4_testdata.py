@@ -6,7 +6,7 @@ import json
 import random
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[3]
+REPO = Path(__file__).resolve().parents[2]
 DEMO_TOKENIZER = REPO / "data" / "demo" / "tokenizer.model"
 
 _WORDS = ("the model data token shard train valid split blend weight layer sparse rank matrix gradient loss step "

@@ -8,7 +8,7 @@ import sys
 import pytest
 from c4_testdata import generate_docs, write_shard
 
-from elas_megatron.data.sources import InputFormatError, expand_inputs, iter_blocks, iter_texts, parse_block
+from elas_megatron.prep.sources import InputFormatError, expand_inputs, iter_blocks, iter_texts, parse_block
 
 
 def _texts(source, **kw):

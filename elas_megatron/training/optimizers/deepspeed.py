@@ -1,5 +1,6 @@
 # SPDX-License-Identifier: Apache-2.0
-"""DeepSpeed ZeRO stage 1/2 as the data-parallel optimizer of a Megatron-Core model and schedule.
+"""The ``deepspeed`` optimizer backend: DeepSpeed ZeRO stage 1/2 as the data-parallel optimizer of a
+Megatron-Core model and schedule.
 
 ``parallel.optimizer=deepspeed`` swaps only the data-parallel half of training: the model chunks are our
 megatron ``GPTModel`` s (TP layers, megatron's process groups), and every step still runs through megatron's
@@ -42,6 +43,8 @@ import torch
 import torch.distributed as dist
 
 from elas_megatron.config.schema import Config, ConfigError, validate
+from elas_megatron.training.checkpoint import CheckpointError
+from elas_megatron.training.optimizers.backend import other_backend, use_adam_impl
 
 __all__ = ["INSTALL_HINT", "import_deepspeed", "check_deepspeed_config", "deepspeed_config", "MegatronMPU",
            "DeepSpeedZeRO"]
@@ -133,14 +136,15 @@ class MegatronMPU:
 
         self.ps = parallel_state
 
-    def get_data_parallel_group(self):
-        return self.ps.get_data_parallel_group()
+    _DELEGATED = frozenset(f"get_{kind}_{what}" for kind in ("data_parallel", "tensor_model_parallel",
+                                                              "pipeline_model_parallel")
+                           for what in ("group", "rank", "world_size")) | {"get_tensor_model_parallel_src_rank"}
+    """The getters ``parallel_state`` has under the names DeepSpeed reads, passed through unchanged."""
 
-    def get_data_parallel_rank(self) -> int:
-        return self.ps.get_data_parallel_rank()
-
-    def get_data_parallel_world_size(self) -> int:
-        return self.ps.get_data_parallel_world_size()
+    def __getattr__(self, name: str):
+        if name in MegatronMPU._DELEGATED:
+            return getattr(self.ps, name)
+        raise AttributeError(f"{type(self).__name__} has no {name!r}")
 
     def get_model_parallel_group(self):
         return self.ps.get_model_parallel_group()
@@ -150,27 +154,6 @@ class MegatronMPU:
 
     def get_model_parallel_world_size(self) -> int:
         return dist.get_world_size(group=self.ps.get_model_parallel_group())
-
-    def get_tensor_model_parallel_group(self):
-        return self.ps.get_tensor_model_parallel_group()
-
-    def get_tensor_model_parallel_rank(self) -> int:
-        return self.ps.get_tensor_model_parallel_rank()
-
-    def get_tensor_model_parallel_world_size(self) -> int:
-        return self.ps.get_tensor_model_parallel_world_size()
-
-    def get_tensor_model_parallel_src_rank(self) -> int:
-        return self.ps.get_tensor_model_parallel_src_rank()
-
-    def get_pipeline_model_parallel_group(self):
-        return self.ps.get_pipeline_model_parallel_group()
-
-    def get_pipeline_model_parallel_rank(self) -> int:
-        return self.ps.get_pipeline_model_parallel_rank()
-
-    def get_pipeline_model_parallel_world_size(self) -> int:
-        return self.ps.get_pipeline_model_parallel_world_size()
 
 
 class DeepSpeedZeRO:
@@ -213,6 +196,13 @@ class DeepSpeedZeRO:
                     type(self.optimizer).__name__, len(chunks), dp_size)
 
     name = "deepspeed"
+
+    check_config = staticmethod(check_deepspeed_config)
+
+    @staticmethod
+    def wrap_chunk(cfg: Config, tconfig, chunk: torch.nn.Module, *, vp_stage: int) -> torch.nn.Module:
+        """The bare chunk: DeepSpeed reduces gradients itself."""
+        return chunk
 
     # ------------------------------------------------------------------------------------------ gradients
     def configure_schedule(self, tconfig) -> None:
@@ -294,14 +284,10 @@ class DeepSpeedZeRO:
         """Load the ZeRO state this rank wrote (same TP/PP/DP layout; the caller checks the layout)."""
         path = self._rank_file(Path(directory))
         if not path.is_file():
-            from elas_megatron.training.checkpoint import CheckpointError
-
             raise CheckpointError(f"{path} is missing: the checkpoint holds no DeepSpeed ZeRO state for this rank "
                                   "(saved with parallel.optimizer=megatron or another layout)")
         state = torch.load(path, map_location="cpu", weights_only=False)
         if state["zero_stage"] != self.stage:
-            from elas_megatron.training.checkpoint import CheckpointError
-
             raise CheckpointError(f"{path} holds ZeRO-{state['zero_stage']} state but parallel.zero_stage="
                                   f"{self.stage}; resume with the stage it was saved with")
         from megatron.core import parallel_state
@@ -314,9 +300,25 @@ class DeepSpeedZeRO:
 
     def _apply_adam_impl(self) -> None:
         """torch's AdamW under ZeRO (over the fp32 partitions) on ``optim.adam_impl``; see ``use_adam_impl``."""
-        from elas_megatron.training.optim import use_adam_impl
-
         self.adam_kernel = use_adam_impl(getattr(self.optimizer, "optimizer", self.optimizer), self.adam_impl)
+
+    def load_state_dict(self, state: dict) -> None:
+        """Never called: the dist checkpoint holds no ZeRO state (:meth:`sharded_state_dict` is None)."""
+        raise CheckpointError("a DeepSpeed ZeRO run's optimizer state is per rank (load_optimizer), not in the "
+                              "dist checkpoint")
+
+    @staticmethod
+    def layout_mismatch(saved: dict, now: dict) -> str | None:
+        """ZeRO state is saved per rank: only the same TP/PP/DP/VPP layout and ZeRO stage can read it."""
+        reason = other_backend(saved, now)
+        if reason is not None:
+            return reason
+        keys = ("tp", "pp", "dp", "vpp", "zero_stage")
+        if any(saved.get(k) != now[k] for k in keys):
+            return (f"holds per-rank DeepSpeed ZeRO state of the layout { {k: saved.get(k) for k in keys} }, which "
+                    f"cannot be resharded to { {k: now[k] for k in keys} }; resume with the saved layout (the "
+                    "megatron backend's checkpoints reshard across TP/PP/DP)")
+        return None
 
     def close(self) -> None:
         for hook in self._tp_hooks:

@@ -11,7 +11,7 @@ import torch
 
 from elas_megatron.config import load_config
 from elas_megatron.config.schema import ConfigError
-from elas_megatron.training.optim import use_adam_impl
+from elas_megatron.training.optimizers.backend import use_adam_impl
 
 
 def _adamw(steps: int = 1) -> torch.optim.AdamW:

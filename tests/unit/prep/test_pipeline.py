@@ -11,9 +11,9 @@ import pytest
 from c4_testdata import REPO, generate_docs, write_shard
 
 from elas_megatron.data.indexed import check_indexed_dataset, is_complete, read_meta
-from elas_megatron.data.pipeline import TokenizeError, TokenizeOptions, output_prefix_for, tokenize_corpus
-from elas_megatron.data.sources import expand_inputs, iter_texts
-from elas_megatron.data.tokenizer import train_tokenizer
+from elas_megatron.prep.pipeline import TokenizeError, TokenizeOptions, output_prefix_for, tokenize_corpus
+from elas_megatron.prep.sources import expand_inputs, iter_texts
+from elas_megatron.prep.tokenizer_training import train_tokenizer
 
 
 def _opts(**kw) -> TokenizeOptions:
@@ -109,8 +109,8 @@ def test_hard_kill_then_rerun_completes(tmp_path, demo_tokenizer):
     script = textwrap.dedent(f"""
         import os, signal
         from elas_megatron.data import indexed
-        from elas_megatron.data.pipeline import TokenizeOptions, tokenize_corpus
-        from elas_megatron.data.sources import expand_inputs
+        from elas_megatron.prep.pipeline import TokenizeOptions, tokenize_corpus
+        from elas_megatron.prep.sources import expand_inputs
         from elas_megatron.data.tokenizer import load_tokenizer
 
         add = indexed.ShardWriter.add_documents

@@ -13,8 +13,8 @@ from c4_testdata import REPO
 
 from elas_megatron.config.schema import DataConfig
 from elas_megatron.data.indexed import check_indexed_dataset, read_meta
-from elas_megatron.data.pipeline import TokenizeOptions, tokenize_corpus
-from elas_megatron.data.sources import expand_inputs
+from elas_megatron.prep.pipeline import TokenizeOptions, tokenize_corpus
+from elas_megatron.prep.sources import expand_inputs
 
 DEMO = REPO / "data" / "demo"
 PREFIX = DEMO / "tokens" / "demo_text_document"
@@ -69,7 +69,7 @@ def test_corpus_regenerates_identically():
         pytest.skip(f"the corpus was generated with CPython {version} (docstrings differ between releases)")
     # A fresh interpreter: libraries imported by other tests (torch) monkeypatch stdlib functions such as
     # inspect.getfile, which changes which docstrings a module owns.
-    code = "import json; from elas_megatron.data.demo import demo_documents; print(json.dumps(demo_documents()))"
+    code = "import json; from elas_megatron.prep.demo import demo_documents; print(json.dumps(demo_documents()))"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO,
                           timeout=300)
     with gzip.open(DEMO / "demo.json.gz", "rt", encoding="utf-8") as f:

@@ -32,7 +32,7 @@ from typing import Literal
 import numpy as np
 
 from elas_megatron.data.indexed import ShardStats, ShardWriter, is_complete, read_meta, token_dtype
-from elas_megatron.data.sources import BadLinePolicy, Block, InputFormatError, Source, iter_blocks, parse_block
+from elas_megatron.prep.sources import BadLinePolicy, Block, InputFormatError, Source, iter_blocks, parse_block
 from elas_megatron.data.tokenizer import Tokenizer, tokenizer_from_bytes
 
 logger = logging.getLogger(__name__)
@@ -388,7 +388,7 @@ def tokenize_corpus(sources: Sequence[Source], output_prefix: str, tokenizer: To
     """Tokenize every source into its own indexed dataset ``output_prefix_for(output_prefix, source)``.
 
     Args:
-        sources: input shards (see :func:`elas_megatron.data.sources.expand_inputs`).
+        sources: input shards (see :func:`elas_megatron.prep.sources.expand_inputs`).
         output_prefix: ``PATH/name`` (outputs ``PATH/name_{shard}``) or ``PATH/`` (outputs ``PATH/{shard}``).
         tokenizer: the sentencepiece tokenizer; EOS is appended to every document.
         options: parallelism, bad-line policy, resume behaviour.

@@ -1,12 +1,12 @@
 """docs/configs.md is the generator's output.
 
-Regenerate it with ``python -m elas_megatron.config.table --write docs/configs.md``.
+Regenerate it with ``python -m elas_megatron.cli.config_table --write docs/configs.md``.
 """
 from __future__ import annotations
 
 from pathlib import Path
 
-from elas_megatron.config.table import main, render
+from elas_megatron.cli.config_table import main, render
 
 REPO = Path(__file__).resolve().parents[3]
 

@@ -6,7 +6,7 @@ library modules, both part of CPython and under the PSF License. It is written e
 lines with ``text``, ``timestamp``, ``url``) and then goes through the same pipeline as C4 -- ``elas-prep
 train-tokenizer`` and ``elas-prep tokenize`` -- so the demo exercises the real code path.
 
-``python -m elas_megatron.data.demo`` rebuilds all three artefacts (``data_prep/build_demo.sh`` wraps it). The
+``python -m elas_megatron.prep.demo`` rebuilds all three artefacts (``data_prep/build_demo.sh`` wraps it). The
 corpus text depends on the CPython version that generates it (docstrings change between releases), so
 ``data/demo/README.md`` records the version used; tokenizing the shipped corpus is reproducible anywhere, and a
 test checks the shipped tokens against a fresh tokenization.
@@ -91,7 +91,7 @@ def _module_documents(name: str) -> Iterator[tuple[str, str]]:
 def demo_documents() -> list[dict[str, str]]:
     """The demo corpus as C4 records (``text``, ``timestamp``, ``url``), in a fixed order.
 
-    Call it in a fresh interpreter (as ``python -m elas_megatron.data.demo`` does): some libraries, torch among
+    Call it in a fresh interpreter (as ``python -m elas_megatron.prep.demo`` does): some libraries, torch among
     them, replace standard-library functions such as ``inspect.getfile``, which changes what a module owns.
     """
     import pydoc_data.topics
@@ -129,9 +129,10 @@ def write_corpus(path: str | os.PathLike, records: list[dict[str, str]]) -> None
 def build_demo(out_dir: str | os.PathLike = DEMO_DIR, *, corpus: bool = True, tokenizer: bool = True,
                tokens: bool = True) -> None:
     """Rebuild the demo corpus, its tokenizer and its tokenized dataset (each step optional)."""
-    from elas_megatron.data.pipeline import TokenizeOptions, tokenize_corpus
-    from elas_megatron.data.sources import expand_inputs, iter_texts
-    from elas_megatron.data.tokenizer import load_tokenizer, train_tokenizer
+    from elas_megatron.prep.pipeline import TokenizeOptions, tokenize_corpus
+    from elas_megatron.prep.sources import expand_inputs, iter_texts
+    from elas_megatron.data.tokenizer import load_tokenizer
+    from elas_megatron.prep.tokenizer_training import train_tokenizer
 
     out_dir = Path(out_dir)
     corpus_path = out_dir / CORPUS_NAME
@@ -153,7 +154,7 @@ def build_demo(out_dir: str | os.PathLike = DEMO_DIR, *, corpus: bool = True, to
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m elas_megatron.data.demo", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m elas_megatron.prep.demo", description=__doc__.split("\n")[0])
     parser.add_argument("--out-dir", default=str(DEMO_DIR), help="where to write (default: %(default)s)")
     parser.add_argument("--skip-corpus", action="store_true", help="reuse the existing corpus file")
     parser.add_argument("--skip-tokenizer", action="store_true", help="reuse the existing tokenizer.model")
