@@ -95,7 +95,7 @@ class Variant:
     """Why ``LlamaForCausalLM`` cannot hold the network (when ``hf_llama`` is false), for the export error."""
 
     def __repr__(self) -> str:
-        return f"<variant {self.name!r}>"
+        return f"<variant {getattr(self, 'name', None)!r} ({type(self).__name__})>"
 
     # ----------------------------------------------------------------------------------------- the network
     def configure_layer(self, layer: TransformerLayerSubmodules, m: ModelConfig, ctx: SpecContext) -> None:
