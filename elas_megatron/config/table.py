@@ -116,6 +116,12 @@ def render(root: Path = REPO) -> str:
         "",
         *_model_rows(root),
         "",
+        ("`model.variant` is any variant in the registry of `elas_megatron.variants` (built in: `dense`, `cola`, "
+        "`elas`; docs/model.md, \"Variants\"); the table "
+        "lists those with a `configs/variant/<name>.yaml`. The variant files set only the variant's own keys: "
+        "`model.kernel_backend` (`auto` | `reference` | `triton` | `cusparselt`, how the ELAS 2:4 FFN core runs; "
+        "docs/kernels.md) is a run choice, `auto` by default (the fastest GPU path on CUDA, the reference on CPU)."),
+        "",
         "## Layouts",
         "",
         *_layout_rows(root),
