@@ -1,11 +1,12 @@
 # SPDX-License-Identifier: Apache-2.0
 """Megatron (TP=1) state dict -> Hugging Face LLaMA names; writers for the two export formats.
 
-* ``hf`` (variants whose network is LLaMA: dense): a ``LlamaForCausalLM`` directory (``config.json``, ``model.safetensors`` or
-  ``pytorch_model.bin``, ``generation_config.json``, the sentencepiece ``tokenizer.model``), loadable with
-  ``transformers.LlamaForCausalLM.from_pretrained`` -- transformers is not needed to write it.
-* ``torch`` (every variant with a ``standalone_mlp``): ``config.json`` + ``model.pt`` (a plain state dict) + ``modeling_elas.py``, the
-  standalone inference module (:mod:`elas_megatron.export.modeling_elas`).
+* ``hf`` (variants whose network is LLaMA: dense): a ``LlamaForCausalLM`` directory (``config.json``,
+  ``model.safetensors`` or ``pytorch_model.bin``, ``generation_config.json``, the sentencepiece
+  ``tokenizer.model``), loadable with ``transformers.LlamaForCausalLM.from_pretrained`` -- transformers is not
+  needed to write it.
+* ``torch`` (every variant with a ``standalone_mlp``): ``config.json`` + ``model.pt`` (a plain state dict) +
+  ``modeling_elas.py``, the standalone inference module (:mod:`elas_megatron.export.modeling_elas`).
 
 The mapping (docs/launch.md, "Export"): megatron's fused ``linear_qkv`` rows are ordered per query group as
 ``[the group's q heads | k | v]`` and are split into ``q_proj``/``k_proj``/``v_proj``; the fused SwiGLU
@@ -105,7 +106,8 @@ def standalone_config(cfg: Config, vocab_size: int, *, sparse24: bool) -> dict:
     lowrank = variant.lowrank
     return {
         "format": "elas-megatron standalone v1",
-        "variant": m.variant, "mlp": variant.standalone_mlp, "vocab_size": vocab_size, "hidden_size": m.hidden_size, "num_layers": m.num_layers,
+        "variant": m.variant, "mlp": variant.standalone_mlp, "vocab_size": vocab_size, "hidden_size": m.hidden_size,
+        "num_layers": m.num_layers,
         "num_heads": m.num_heads, "num_kv_heads": m.kv_heads, "ffn_hidden_size": m.ffn_hidden_size,
         "rank": m.rank if lowrank else 0,
         "attention_rank": m.attn_rank if variant.lowrank_attention(m) else 0,

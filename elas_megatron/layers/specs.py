@@ -3,8 +3,9 @@
 
 The variant of ``model.variant`` (:mod:`elas_megatron.variants`) swaps its slots in a fresh stock spec
 (:meth:`~elas_megatron.variants.base.Variant.configure_layer`, with the helpers :func:`swap_slot`,
-:func:`lowrank_attention_slots` and :func:`replace_mlp` of this module). Built in: ``dense`` is megatron's ``get_gpt_layer_local_spec(normalization="RMSNorm")`` (or the Transformer Engine spec with
-``model.spec=te``) unchanged. ``cola`` swaps the attention projections (``linear_qkv``, ``linear_proj``) for the
+:func:`lowrank_attention_slots` and :func:`replace_mlp` of this module). Built in: ``dense`` is megatron's
+``get_gpt_layer_local_spec(normalization="RMSNorm")`` (or the Transformer Engine spec with ``model.spec=te``)
+unchanged. ``cola`` swaps the attention projections (``linear_qkv``, ``linear_proj``) for the
 low-rank modules of :mod:`elas_megatron.layers.low_rank` (unless ``model.lowrank_attention=false``) and the MLP
 for megatron's own SwiGLU MLP with low-rank linears. ``elas`` is ``cola`` with :class:`ElasMLP` in the MLP slot.
 Independently of the variant, ``core_attention`` becomes :class:`SDPAttention` when the attention backend is
