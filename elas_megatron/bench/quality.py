@@ -20,6 +20,8 @@ import sys
 import time
 from pathlib import Path
 
+from elas_megatron.variants.registry import get_variant
+
 __all__ = ["QualityRun", "collect", "plan_runs", "quality_table", "run_all"]
 
 logger = logging.getLogger(__name__)
@@ -63,12 +65,14 @@ def data_overrides(data: str | None, valid: str | None, tokenizer: str | None) -
 
 def plan_runs(*, sizes: list[str], variants: list[str], elas_warmups: list[int], steps: int, out_dir: Path,
               common: list[str], config_dir: Path = Path("configs")) -> list[QualityRun]:
-    """The runs: every size x variant, elas once per dense warm-up length (same everything else)."""
+    """The runs: every size x variant, a variant with 2:4 sparsity (elas) once per dense warm-up length (same
+    everything else)."""
     runs = []
     for size in sizes:
         for variant in variants:
-            for warmup in (elas_warmups if variant == "elas" else [0]):
-                name = f"{size}_{variant}" + (f"_warmup{warmup}" if variant == "elas" else "")
+            sparse = get_variant(variant).sparsity
+            for warmup in (elas_warmups if sparse else [0]):
+                name = f"{size}_{variant}" + (f"_warmup{warmup}" if sparse else "")
                 run_dir = out_dir / "runs" / name
                 overrides = [*common, f"train.steps={steps}", f"train.run_dir={run_dir}",
                              f"model.dense_warmup_steps={warmup}", "checkpoint.every=0", "checkpoint.save_final=false"]

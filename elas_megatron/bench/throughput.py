@@ -50,6 +50,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from elas_megatron.variants.registry import get_variant
+
 __all__ = ["TINY_OVERRIDES", "WorkerSpec", "fast_init", "measure", "prefill_flops_per_token", "run_sweep"]
 
 logger = logging.getLogger(__name__)
@@ -170,7 +172,7 @@ def _load_config(spec: WorkerSpec, micro_batch: int):
              f"train.global_batch={micro_batch * spec.accumulation}", f"train.steps={steps}", "train.eval_every=0",
              f"train.run_dir={spec.run_dir}", "checkpoint.save_final=false", "checkpoint.every=0",
              "log.level=warning"]
-    if spec.variant == "elas":
+    if get_variant(spec.variant).sparsity:
         bench.append("model.dense_warmup_steps=0")  # measure the 2:4 path
     cfg = load_config(spec.configs or None, [*spec.overrides, *bench], world_size=1)
     if cfg.model.vocab_size is None:

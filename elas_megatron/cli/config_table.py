@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from elas_megatron.config.loader import load_config, load_yaml_tree
+from elas_megatron.variants.registry import get_variant, variant_names
 
 __all__ = ["LAYOUT_FOR_SIZE", "render"]
 
@@ -25,7 +26,11 @@ LAYOUT_FOR_SIZE: dict[str, tuple[str, int]] = {
     "7b": ("tp4-pp2", 32),
 }
 """Model size -> (layout file stem, GPUs) used for the memory columns; sizes not listed use dp8 on 8 GPUs."""
-_VARIANTS = ("dense", "cola", "elas")
+
+
+def _shipped_variants(root: Path) -> list[str]:
+    """Registered variants that ship a ``configs/variant/<name>.yaml``, in registration order."""
+    return [name for name in variant_names() if (root / f"configs/variant/{name}.yaml").is_file()]
 
 
 def _size_key(path: Path) -> float:
@@ -46,13 +51,14 @@ def _model_rows(root: Path) -> list[str]:
             "|---|---|---:|---:|---|---:|---|---:|---|"]
     for model_file in sorted((root / "configs/model").glob("*.yaml"), key=_size_key):
         layout, gpus = LAYOUT_FOR_SIZE.get(model_file.stem, ("dp8", 8))
-        for variant in _VARIANTS:
+        for variant in _shipped_variants(root):
             files = [root / "configs/c4.yaml", model_file, root / f"configs/variant/{variant}.yaml",
                      root / f"configs/layout/{layout}.yaml"]
             cfg = load_config(files, world_size=gpus)
             m = cfg.model
             counts = count_parameters(m, VOCAB_SIZE)
-            ranks = "full" if variant == "dense" else f"{m.rank} / {m.attn_rank if m.lowrank_attention else 'full'}"
+            ranks = (f"{m.rank} / {m.attn_rank if m.lowrank_attention else 'full'}" if get_variant(variant).lowrank
+                     else "full")
             peak = estimate_memory(cfg, world_size=gpus, vocab_size=VOCAB_SIZE).peak
             states = peak.weights + peak.grads + peak.optimizer
             rows.append(f"| {model_file.stem} | {variant} | {counts['total'] / 1e6:.1f} | "
@@ -110,6 +116,12 @@ def render(root: Path = REPO) -> str:
         "the pipeline stage that needs the most; `elas-train --dry-run` prints it for any composition."),
         "",
         *_model_rows(root),
+        "",
+        ("`model.variant` is any variant in the registry of `elas_megatron.variants` (built in: `dense`, `cola`, "
+        "`elas`; docs/model.md, \"Variants\"); the table "
+        "lists those with a `configs/variant/<name>.yaml`. The variant files set only the variant's own keys: "
+        "`model.kernel_backend` (`auto` | `reference` | `triton` | `cusparselt`, how the ELAS 2:4 FFN core runs; "
+        "docs/kernels.md) is a run choice, `auto` by default (the fastest GPU path on CUDA, the reference on CPU)."),
         "",
         "## Layouts",
         "",

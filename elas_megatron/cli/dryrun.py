@@ -68,6 +68,7 @@ def render_report(cfg: Config, *, world_size: int, vocab_size: int, vocab_source
     """The dry-run report, one string per line."""
     from elas_megatron.models.flops import count_parameters, flops_per_token
     from elas_megatron.training.memory import RECOMPUTE_MODES, estimate_memory
+    from elas_megatron.variants.registry import get_variant
 
     m, p, t = cfg.model, cfg.parallel, cfg.train
     est = estimate_memory(cfg, world_size=world_size, vocab_size=vocab_size)
@@ -80,7 +81,7 @@ def render_report(cfg: Config, *, world_size: int, vocab_size: int, vocab_source
     else:
         opt = f"deepspeed ZeRO-{p.zero_stage}"
     ranks = f", rank {m.rank}, attention rank {m.attn_rank if m.lowrank_attention else 'full'}" \
-        if m.variant != "dense" else ""
+        if get_variant(m.variant).lowrank else ""
     lines = [
         (f"layout       world {world_size} = dp {est.dp} x tp {p.tp} x pp {p.pp} (vpp {p.vpp or '-'}, "
         f"sequence parallel {'on' if p.sequence_parallel else 'off'}); optimizer {opt}; recompute {p.recompute}"),

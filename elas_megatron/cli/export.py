@@ -3,8 +3,9 @@
 
 CHECKPOINT is a ``step_*`` directory, a checkpoint directory (its ``latest``) or a run directory, saved at any
 TP/PP layout; it is loaded into one TP=1/PP=1 model in this process (no torchrun). ``--format auto`` writes a
-dense model as a Hugging Face ``LlamaForCausalLM`` directory and cola/elas models as a plain PyTorch state dict
-with the standalone inference module ``modeling_elas.py`` (``--format torch`` does that for dense too).
+LLaMA network (dense) as a Hugging Face ``LlamaForCausalLM`` directory and the others (cola, elas) as a plain
+PyTorch state dict with the standalone inference module ``modeling_elas.py`` (``--format torch`` does that for
+dense too); the variant says which formats can hold it.
 Errors end with one line and exit code 2.
 """
 from __future__ import annotations
@@ -23,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("checkpoint", help="step directory, checkpoint directory or run directory")
     parser.add_argument("out", help="output directory (created)")
     parser.add_argument("--format", choices=("auto", "hf", "torch"), default="auto",
-                        help="auto: hf for dense, torch for cola/elas")
+                        help="auto: hf for a LLaMA network (dense), torch for the others (cola/elas)")
     parser.add_argument("--dtype", choices=tuple(_DTYPES), default="fp32", help="dtype of the written weights")
     args = parser.parse_args(argv)
 
@@ -35,14 +36,14 @@ def main(argv: list[str] | None = None) -> int:
     from elas_megatron.parallel.setup import destroy_parallel
     from elas_megatron.training.checkpoint import CheckpointError, CheckpointManager
     from elas_megatron.utils.logging import init_logging
+    from elas_megatron.variants.registry import get_variant
 
     init_logging()
     try:
-        variant = CheckpointManager.read_meta(resolve_checkpoint(args.checkpoint))["config"]["model"]["variant"]
-        fmt = args.format if args.format != "auto" else ("hf" if variant == "dense" else "torch")
-        if fmt == "hf" and variant != "dense":
-            raise ValueError(f"model.variant={variant!r} has low-rank layers, which LlamaForCausalLM cannot hold; "
-                             "export it with --format torch (state dict + standalone inference module)")
+        variant = get_variant(
+            CheckpointManager.read_meta(resolve_checkpoint(args.checkpoint))["config"]["model"]["variant"])
+        fmt = args.format if args.format != "auto" else variant.default_export_format()
+        variant.check_export(fmt)  # before anything is loaded
         ckpt = load_checkpoint(args.checkpoint)
         cfg = ckpt.config
         dtype = getattr(torch, _DTYPES[args.dtype])
@@ -52,8 +53,8 @@ def main(argv: list[str] | None = None) -> int:
         if fmt == "hf":
             out = export_hf(state, cfg, ckpt.vocab_size, args.out, dtype=dtype, extra=provenance)
         else:
-            out = export_torch(state, cfg, ckpt.vocab_size, args.out, sparse24=ckpt.sparse_active
-                               if cfg.model.variant == "elas" else False, dtype=dtype, extra=provenance)
+            out = export_torch(state, cfg, ckpt.vocab_size, args.out, sparse24=ckpt.sparse_active, dtype=dtype,
+                               extra=provenance)
     except (ConfigError, CheckpointError, FileNotFoundError, KeyError, ValueError, RuntimeError) as exc:
         print(f"elas-export: error: {exc}", file=sys.stderr)
         destroy_parallel()

@@ -12,7 +12,9 @@ import math
 from dataclasses import dataclass, field, fields
 from typing import Literal
 
-Variant = Literal["dense", "cola", "elas"]
+Variant = str
+"""A name registered in :mod:`elas_megatron.variants` (built in: dense, cola, elas)."""
+KernelBackend = Literal["auto", "reference", "triton", "cusparselt"]
 
 
 class ConfigError(ValueError):
@@ -35,8 +37,9 @@ def _check_finite(section: object, name: str) -> None:
 @dataclass(kw_only=True)
 class ModelConfig:
     variant: Variant = "elas"
-    """dense: full-rank LLaMA (SwiGLU FFN); cola: every linear is sigma(x A) B (arXiv 2502.10940);
-    elas: cola with the non-gated squared-ReLU FFN whose activations are 2:4 sparse (arXiv 2605.03667)."""
+    """A registered variant (elas_megatron.variants). dense: full-rank LLaMA (SwiGLU FFN); cola: every linear is
+    sigma(x A) B (arXiv 2502.10940); elas: cola with the non-gated squared-ReLU FFN whose activations are 2:4
+    sparse (arXiv 2605.03667)."""
     hidden_size: int = 512
     num_layers: int = 8
     num_heads: int = 8
@@ -86,8 +89,19 @@ class ModelConfig:
     fp32 logits ([tokens, vocab] in fp32 and bf16 in memory); liger = Liger-Kernel's fused linear cross-entropy
     (the logits are computed in chunks and never held whole; needs the `liger-kernel` package and a CUDA device).
     auto = liger where it can run (CUDA, liger-kernel installed, parallel.tp=1), else megatron."""
+    kernel_backend: KernelBackend = "auto"
+    """elas: how the 2:4-sparse FFN core runs (elas_megatron.kernels.dispatch): reference = plain PyTorch (any
+    device); triton = fused Triton kernels, dense tensor-core math (CUDA); cusparselt = as triton with the forward
+    GEMM on the 2:4 sparse tensor cores (CUDA sm80+, 16-bit); auto = the fastest of the GPU paths, timed once per
+    shape, on CUDA, else reference. An explicit backend that cannot run fails when the FFN first runs."""
 
     def __post_init__(self) -> None:
+        from elas_megatron.variants.registry import UnknownVariantError, get_variant
+
+        try:
+            get_variant(self.variant)
+        except UnknownVariantError as exc:
+            raise ConfigError(str(exc)) from None
         _check_finite(self, "model")
         for key in ("hidden_size", "num_layers", "num_heads", "ffn_hidden_size", "rank"):
             value = getattr(self, key)
@@ -309,18 +323,12 @@ class Config:
 
 def validate(cfg: Config, world_size: int | None = None) -> None:
     """Cross-section rules. ``world_size`` (when known) checks the parallel layout against it."""
+    from elas_megatron.variants.registry import get_variant
+
     m, p, t = cfg.model, cfg.parallel, cfg.train
     _check(m.num_heads % p.tp == 0, "model.num_heads", m.num_heads, f"divisible by parallel.tp={p.tp}")
     _check(m.kv_heads % p.tp == 0, "model.num_kv_heads", m.kv_heads, f"divisible by parallel.tp={p.tp}")
-    if m.variant == "elas":
-        if m.ffn_hidden_size % (4 * p.tp) != 0:
-            lo = m.ffn_hidden_size - m.ffn_hidden_size % (4 * p.tp)
-            raise ConfigError(
-                f"model.ffn_hidden_size={m.ffn_hidden_size} is invalid for elas with parallel.tp={p.tp}: 2:4 groups "
-                f"need d_ff / tp to be a multiple of 4; use {lo} or {lo + 4 * p.tp}")
-    else:
-        _check(m.ffn_hidden_size % p.tp == 0, "model.ffn_hidden_size", m.ffn_hidden_size,
-               f"divisible by parallel.tp={p.tp}")
+    get_variant(m.variant).validate(m, p)
     layers_per_chunk = p.pp * (p.vpp or 1)
     if p.first_stage_layers is None and p.last_stage_layers is None:
         _check(m.num_layers % layers_per_chunk == 0, "model.num_layers", m.num_layers,

@@ -20,6 +20,7 @@ import torch
 
 from elas_megatron.config.loader import config_from_dict
 from elas_megatron.config.schema import Config, ParallelConfig
+from elas_megatron.variants.registry import get_variant
 
 __all__ = ["LoadedCheckpoint", "load_checkpoint", "resolve_checkpoint", "single_process_config"]
 
@@ -76,7 +77,8 @@ class LoadedCheckpoint:
     def sparse_active(self) -> bool:
         """elas: whether the last trained step ran with 2:4 sparsity (False inside the dense warm-up)."""
         m = self.config.model
-        return m.variant == "elas" and m.sparse24 and max(self.step - 1, 0) >= m.dense_warmup_steps
+        variant = get_variant(m.variant)
+        return variant.sparse_active(m) and max(self.step - 1, 0) >= variant.dense_warmup_steps(m)
 
 
 def _ensure_single_process(device: str) -> None:
@@ -114,8 +116,9 @@ def load_checkpoint(path: str | Path, *, device: str = "cpu") -> LoadedCheckpoin
     model.eval()
     step = int(meta.get("step", 0))
     ckpt = LoadedCheckpoint(path=step_dir, config=cfg, model=model, vocab_size=vocab_size, step=step, meta=meta)
-    if cfg.model.variant == "elas":
-        SparsitySchedule(cfg.model.dense_warmup_steps).apply([model], max(step - 1, 0))
+    variant = get_variant(cfg.model.variant)
+    if variant.sparsity:
+        SparsitySchedule(variant.dense_warmup_steps(cfg.model)).apply([model], max(step - 1, 0))
     layout = meta.get("layout", {})
     logger.info("loaded %s (step %d, %s, saved at tp=%s pp=%s dp=%s) into one process", step_dir, step,
                 cfg.model.variant, layout.get("tp"), layout.get("pp"), layout.get("dp"))

@@ -1,17 +1,21 @@
 # SPDX-License-Identifier: Apache-2.0
 """Megatron (TP=1) state dict -> Hugging Face LLaMA names; writers for the two export formats.
 
-* ``hf`` (dense only): a ``LlamaForCausalLM`` directory (``config.json``, ``model.safetensors`` or
-  ``pytorch_model.bin``, ``generation_config.json``, the sentencepiece ``tokenizer.model``), loadable with
-  ``transformers.LlamaForCausalLM.from_pretrained`` -- transformers is not needed to write it.
-* ``torch`` (every variant): ``config.json`` + ``model.pt`` (a plain state dict) + ``modeling_elas.py``, the
-  standalone inference module (:mod:`elas_megatron.export.modeling_elas`).
+* ``hf`` (variants whose network is LLaMA: dense): a ``LlamaForCausalLM`` directory (``config.json``,
+  ``model.safetensors`` or ``pytorch_model.bin``, ``generation_config.json``, the sentencepiece
+  ``tokenizer.model``), loadable with ``transformers.LlamaForCausalLM.from_pretrained`` -- transformers is not
+  needed to write it.
+* ``torch`` (every variant with a ``standalone_mlp``): ``config.json`` + ``model.pt`` (a plain state dict) +
+  ``modeling_elas.py``, the standalone inference module (:mod:`elas_megatron.export.modeling_elas`).
 
 The mapping (docs/launch.md, "Export"): megatron's fused ``linear_qkv`` rows are ordered per query group as
 ``[the group's q heads | k | v]`` and are split into ``q_proj``/``k_proj``/``v_proj``; the fused SwiGLU
 ``linear_fc1`` is ``[gate; up]``; megatron's RoPE rotates halves (``rotate_half``), as HF LLaMA does, so q/k need
 no permutation; RMSNorm eps and RoPE theta go to the config; the output layer is untied (``lm_head``). Low-rank
-factors keep their orientation (``A``: ``[in, r]``, ``B``: ``[r, out]``) under the same module names.
+factors keep their orientation (``A``: ``[in, r]``, ``B``: ``[r, out]``) under the same module names. A variant
+renames its own parameters first (:attr:`~elas_megatron.variants.base.Variant.export_renames`, e.g. ELAS's
+non-gated ``linear_fc1`` is ``up_proj``) and says which formats can hold it
+(:meth:`~elas_megatron.variants.base.Variant.check_export`).
 """
 from __future__ import annotations
 
@@ -24,6 +28,7 @@ from pathlib import Path
 import torch
 
 from elas_megatron.config.schema import Config
+from elas_megatron.variants.registry import get_variant
 
 __all__ = ["export_hf", "export_torch", "standalone_config", "to_llama_state_dict"]
 
@@ -65,7 +70,7 @@ def to_llama_state_dict(megatron_state: dict, cfg: Config) -> dict[str, torch.Te
     Full-rank weights become ``...weight`` (``[out, in]``), low-rank factors ``...A`` / ``...B``. Keys of
     megatron's ``_extra_state`` are dropped; any other unknown key is an error (nothing is silently lost).
     """
-    m = cfg.model
+    renames = get_variant(cfg.model.variant).export_renames
     out: dict[str, torch.Tensor] = {}
     for key, tensor in megatron_state.items():
         if key.endswith("_extra_state"):
@@ -77,15 +82,15 @@ def to_llama_state_dict(megatron_state: dict, cfg: Config) -> dict[str, torch.Te
         if match is None:
             raise KeyError(f"no LLaMA name for megatron parameter {key!r}")
         prefix, suffix = f"layers.{match.group(1)}.", match.group(2)
-        if suffix == "self_attention.linear_qkv.weight":
+        if suffix in renames:
+            out[prefix + renames[suffix]] = tensor
+        elif suffix == "self_attention.linear_qkv.weight":
             for name, part in zip(("q", "k", "v"), _split_qkv(tensor, cfg), strict=True):
                 out[f"{prefix}self_attn.{name}_proj.weight"] = part
         elif suffix == "mlp.linear_fc1.weight":
             gate, up = tensor.chunk(2, dim=0)                                   # [gate; up], each [f, h]
             out[f"{prefix}mlp.gate_proj.weight"] = gate
             out[f"{prefix}mlp.up_proj.weight"] = up
-        elif suffix in ("mlp.linear_fc1.A", "mlp.linear_fc1.B") and m.variant == "elas":
-            out[f"{prefix}mlp.up_proj.{suffix[-1]}"] = tensor                   # ELAS: fc1 is up (no gate)
         elif suffix in _RENAME:
             out[prefix + _RENAME[suffix]] = tensor
         else:
@@ -96,13 +101,16 @@ def to_llama_state_dict(megatron_state: dict, cfg: Config) -> dict[str, torch.Te
 def standalone_config(cfg: Config, vocab_size: int, *, sparse24: bool) -> dict:
     """``config.json`` of the ``torch`` format (:class:`modeling_elas.ElasConfig`)."""
     m = cfg.model
-    lowrank = m.variant != "dense"
+    variant = get_variant(m.variant)
+    variant.check_export("torch")
+    lowrank = variant.lowrank
     return {
         "format": "elas-megatron standalone v1",
-        "variant": m.variant, "vocab_size": vocab_size, "hidden_size": m.hidden_size, "num_layers": m.num_layers,
+        "variant": m.variant, "mlp": variant.standalone_mlp, "vocab_size": vocab_size, "hidden_size": m.hidden_size,
+        "num_layers": m.num_layers,
         "num_heads": m.num_heads, "num_kv_heads": m.kv_heads, "ffn_hidden_size": m.ffn_hidden_size,
         "rank": m.rank if lowrank else 0,
-        "attention_rank": m.attn_rank if lowrank and m.lowrank_attention else 0,
+        "attention_rank": m.attn_rank if variant.lowrank_attention(m) else 0,
         "lowrank_activation": m.lowrank_activation, "sparse24": bool(sparse24),
         # megatron builds RoPE with int(rope_base) (models/gpt.py): keep exactly that value
         "rope_theta": float(int(m.rope_base)), "norm_eps": m.norm_eps, "max_seq_len": cfg.train.seq_len,
@@ -124,7 +132,9 @@ def _copy_tokenizer(cfg: Config, out: Path) -> str | None:
 
 def export_torch(megatron_state: dict, cfg: Config, vocab_size: int, out: str | Path, *, sparse24: bool,
                  dtype: torch.dtype = torch.float32, extra: dict | None = None) -> Path:
-    """Write the ``torch`` format (every variant): config.json, model.pt, modeling_elas.py, tokenizer.model."""
+    """Write the ``torch`` format (every variant with a ``standalone_mlp``): config.json, model.pt,
+    modeling_elas.py, tokenizer.model. Raises ``ExportUnsupportedError`` (a ``ValueError``) for any other."""
+    get_variant(cfg.model.variant).check_export("torch")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     state = _cast(to_llama_state_dict(megatron_state, cfg), dtype)
@@ -150,11 +160,14 @@ def _tokenizer_ids(cfg: Config) -> dict:
 
 def export_hf(megatron_state: dict, cfg: Config, vocab_size: int, out: str | Path, *,
               dtype: torch.dtype = torch.float32, extra: dict | None = None) -> Path:
-    """Write a Hugging Face ``LlamaForCausalLM`` directory (dense models only)."""
+    """Write a Hugging Face ``LlamaForCausalLM`` directory (LLaMA variants only: ``Variant.hf_llama``).
+
+    Raises:
+        ExportUnsupportedError (a ``ValueError``): the variant is not a LLaMA network (the message names the
+            alternative).
+    """
     m = cfg.model
-    if m.variant != "dense":
-        raise ValueError(f"model.variant={m.variant!r} has low-rank layers, which LlamaForCausalLM cannot hold; "
-                         "export it with --format torch (state dict + standalone inference module)")
+    get_variant(m.variant).check_export("hf")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     state = _cast({("lm_head.weight" if k == "lm_head.weight" else f"model.{k}"): v

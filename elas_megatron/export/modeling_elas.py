@@ -14,9 +14,13 @@ The network is the one trained (docs/model.md): LLaMA blocks (RMSNorm, RoPE, cau
 query heads, no biases, untied embeddings) whose linear maps are either full rank (``weight``: ``[out, in]``, as
 ``nn.Linear``) or CoLA's low-rank ``sigma(x A) B`` (``A``: ``[in, r]``, ``B``: ``[r, out]``). FFN:
 
-* ``dense`` / ``cola``: SwiGLU ``down(silu(gate(x)) * up(x))``;
-* ``elas``: ``down(sparse24(relu(up(x)) ** 2))``, where ``sparse24`` keeps the 2 largest-magnitude entries of
-  every 4 consecutive features (ties to the lower index), unless ``config.sparse24`` is false.
+* ``config.mlp == "swiglu"`` (dense, cola): SwiGLU ``down(silu(gate(x)) * up(x))``;
+* ``config.mlp == "relu2"`` (elas): ``down(sparse24(relu(up(x)) ** 2))``, where ``sparse24`` keeps the 2
+  largest-magnitude entries of every 4 consecutive features (ties to the lower index), unless
+  ``config.sparse24`` is false.
+
+``config.rank`` / ``attention_rank`` of 0 mean full-rank FFN / attention. (Exports written before ``mlp`` was a
+field name only the variant: elas means ``relu2``, the others ``swiglu``.)
 
 State-dict names follow Hugging Face's LLaMA (``layers.{i}.self_attn.q_proj``, ``mlp.gate_proj``, ...).
 """
@@ -34,12 +38,13 @@ from torch import nn
 __all__ = ["ElasConfig", "ElasForCausalLM", "sparse24"]
 
 CONFIG_FILE = "config.json"
+MLP_KINDS = ("swiglu", "relu2")
 WEIGHTS_FILE = "model.pt"
 
 
 @dataclasses.dataclass
 class ElasConfig:
-    variant: str                      # dense | cola | elas
+    variant: str                      # the training variant's name (informational)
     vocab_size: int
     hidden_size: int
     num_layers: int
@@ -53,10 +58,16 @@ class ElasConfig:
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     max_seq_len: int = 2048           # the training sequence length (RoPE itself has no hard limit)
+    mlp: str = "swiglu"               # FFN: swiglu | relu2 (see the module docstring)
 
     @classmethod
     def from_dict(cls, d: dict) -> ElasConfig:
         names = {f.name for f in dataclasses.fields(cls)}
+        d = dict(d)
+        if d.get("mlp") is None:      # older exports: only the variant named the FFN
+            d["mlp"] = "relu2" if d.get("variant") == "elas" else "swiglu"
+        if d["mlp"] not in MLP_KINDS:
+            raise ValueError(f"config mlp={d['mlp']!r} is unknown; this modeling_elas.py knows {MLP_KINDS}")
         return cls(**{k: v for k, v in d.items() if k in names})
 
 
@@ -120,15 +131,15 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: ElasConfig) -> None:
         super().__init__()
-        h, f, r = cfg.hidden_size, cfg.ffn_hidden_size, cfg.rank if cfg.variant != "dense" else 0
-        self.variant, self.sparse = cfg.variant, cfg.sparse24
-        if cfg.variant != "elas":
+        h, f, r = cfg.hidden_size, cfg.ffn_hidden_size, cfg.rank
+        self.gated, self.sparse = cfg.mlp == "swiglu", cfg.sparse24
+        if self.gated:
             self.gate_proj = _linear(cfg, h, f, r)
         self.up_proj = _linear(cfg, h, f, r)
         self.down_proj = _linear(cfg, f, h, r)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.variant != "elas":
+        if self.gated:
             return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
         y2 = torch.relu(self.up_proj(x)) ** 2
         return self.down_proj(sparse24(y2) if self.sparse else y2)

@@ -1,23 +1,22 @@
 # SPDX-License-Identifier: Apache-2.0
-"""Layer specs of the three variants: megatron-core's stock GPT layer spec with only some slots swapped.
+"""Layer specs of the variants: megatron-core's stock GPT layer spec with only some slots swapped.
 
-``dense`` is megatron's ``get_gpt_layer_local_spec(normalization="RMSNorm")`` (or the Transformer Engine spec with
-``model.spec=te``) unchanged. ``cola`` swaps the attention projections (``linear_qkv``, ``linear_proj``) for the
+The variant of ``model.variant`` (:mod:`elas_megatron.variants`) swaps its slots in a fresh stock spec
+(:meth:`~elas_megatron.variants.base.Variant.configure_layer`, with the helpers :func:`swap_slot`,
+:func:`lowrank_attention_slots` and :func:`replace_mlp` of this module). Built in: ``dense`` is megatron's
+``get_gpt_layer_local_spec(normalization="RMSNorm")`` (or the Transformer Engine spec with ``model.spec=te``)
+unchanged. ``cola`` swaps the attention projections (``linear_qkv``, ``linear_proj``) for the
 low-rank modules of :mod:`elas_megatron.layers.low_rank` (unless ``model.lowrank_attention=false``) and the MLP
 for megatron's own SwiGLU MLP with low-rank linears. ``elas`` is ``cola`` with :class:`ElasMLP` in the MLP slot.
 Independently of the variant, ``core_attention`` becomes :class:`SDPAttention` when the attention backend is
 ``sdpa``, and the norms become :class:`elas_megatron.layers.norm.RMSNorm` under sequence parallelism with the
 local spec (megatron's torch norm refuses SP).
 
-Variants live in the :data:`VARIANTS` registry (name -> function that swaps slots in a fresh stock spec).
 Every swap is logged once, on rank 0.
 """
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
-from dataclasses import dataclass
-
 import torch
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_layer import TransformerLayerSubmodules
@@ -25,18 +24,22 @@ from megatron.core.transformer.transformer_layer import TransformerLayerSubmodul
 from elas_megatron.config.schema import ModelConfig
 from elas_megatron.layers.attention import ElasSelfAttention, SDPAttention
 from elas_megatron.layers.low_rank import LowRankQKVColumnParallelLinear, LowRankRowParallelLinear
-from elas_megatron.layers.mlp import cola_mlp_spec, elas_mlp_spec
 from elas_megatron.layers.norm import RMSNorm
+from elas_megatron.variants.base import SpecContext
+from elas_megatron.variants.registry import get_variant
 
 __all__ = [
     "ATTENTION_BACKENDS",
     "ROPE_BACKENDS",
-    "VARIANTS",
     "get_final_norm",
     "get_layer_spec",
+    "lowrank_attention_slots",
+    "replace_mlp",
     "resolve_attention_backend",
     "resolve_rope_backend",
+    "swap_slot",
     "te_available",
+    "te_norm",
 ]
 
 logger = logging.getLogger(__name__)
@@ -44,13 +47,6 @@ logger = logging.getLogger(__name__)
 ATTENTION_BACKENDS = ("auto", "local", "sdpa")
 ROPE_BACKENDS = ("auto", "megatron", "triton")
 _logged: set[str] = set()  # swap messages already logged by this process (log each once)
-
-
-@dataclass(frozen=True)
-class _SpecContext:
-    """What a variant's swap function may depend on besides the model config."""
-    te: bool
-    kernel_backend: str
 
 
 def te_available() -> bool:
@@ -116,62 +112,41 @@ def _swap(owner: object, slot: str, new: object, where: str, note: str = "") -> 
     _log_swap(f"{where}.{slot}: {_name(old)} -> {_name(new)}{f' ({note})' if note else ''}")
 
 
-def _te_norm() -> type:
+def te_norm() -> type:
+    """Transformer Engine's ``TENorm`` (for a norm that a replaced fused TE linear carried)."""
     from megatron.core.extensions.transformer_engine import TENorm
 
     return TENorm
 
 
-def _lowrank_attention(layer: TransformerLayerSubmodules, m: ModelConfig, ctx: _SpecContext, variant: str) -> None:
+def swap_slot(owner: object, slot: str, new: object, where: str, note: str = "") -> None:
+    """Set ``owner.slot = new`` and log ``where.slot: Old -> New (note)`` once (rank 0)."""
+    _swap(owner, slot, new, where, note)
+
+
+def lowrank_attention_slots(layer: TransformerLayerSubmodules, m: ModelConfig, ctx: SpecContext, where: str) -> None:
+    """CoLA attention: low-rank q|k|v and o projections (rank ``model.attn_rank``) unless
+    ``model.lowrank_attention=false``; with the TE spec the input norm becomes a separate ``TENorm``."""
     if not m.lowrank_attention:
-        _log_swap(f"{variant}: attention kept full-rank (model.lowrank_attention=false)")
+        _log_swap(f"{where}: attention kept full-rank (model.lowrank_attention=false)")
         return
     attn = layer.self_attention.submodules
     params = {"rank": m.attn_rank, "activation": m.lowrank_activation}
     note = f"rank {m.attn_rank}, sigma={m.lowrank_activation}"
     _swap(attn, "linear_qkv", ModuleSpec(module=LowRankQKVColumnParallelLinear, params=params),
-          f"{variant} self_attention", note)
+          f"{where} self_attention", note)
     _swap(attn, "linear_proj", ModuleSpec(module=LowRankRowParallelLinear, params=params),
-          f"{variant} self_attention", note)
+          f"{where} self_attention", note)
     if ctx.te:  # TE's fused LayerNorm+Linear in linear_qkv carried the input norm
-        _swap(layer, "input_layernorm", _te_norm(), variant, "the replaced TE linear_qkv carried the norm")
+        _swap(layer, "input_layernorm", te_norm(), where, "the replaced TE linear_qkv carried the norm")
 
 
-def _lowrank_mlp(layer: TransformerLayerSubmodules, new_mlp: ModuleSpec, ctx: _SpecContext, variant: str,
-                 note: str) -> None:
-    _swap(layer, "mlp", new_mlp, variant, note)
+def replace_mlp(layer: TransformerLayerSubmodules, new_mlp: ModuleSpec, ctx: SpecContext, where: str,
+                note: str) -> None:
+    """Put ``new_mlp`` in the MLP slot; with the TE spec the pre-MLP norm becomes a separate ``TENorm``."""
+    _swap(layer, "mlp", new_mlp, where, note)
     if ctx.te:  # TE's fused LayerNorm+Linear in linear_fc1 carried the pre-MLP norm
-        _swap(layer, "pre_mlp_layernorm", _te_norm(), variant, "the replaced TE linear_fc1 carried the norm")
-
-
-def _dense(layer: TransformerLayerSubmodules, m: ModelConfig, ctx: _SpecContext) -> None:
-    """Full-rank LLaMA: the stock spec as it is."""
-
-
-def _cola(layer: TransformerLayerSubmodules, m: ModelConfig, ctx: _SpecContext) -> None:
-    """CoLA: every linear low-rank; megatron's SwiGLU MLP with low-rank gate/up/down."""
-    _lowrank_attention(layer, m, ctx, "cola")
-    separate = m.lowrank_parts == "separate"
-    _lowrank_mlp(layer, cola_mlp_spec(rank=m.rank, activation=m.lowrank_activation, separate_parts=separate), ctx,
-                 "cola", f"MLP with low-rank gate/up/down, rank {m.rank}, sigma={m.lowrank_activation}"
-                 f"{', gate and up apart (model.lowrank_parts=separate)' if separate else ''}")
-
-
-def _elas(layer: TransformerLayerSubmodules, m: ModelConfig, ctx: _SpecContext) -> None:
-    """ELAS: CoLA attention, squared-ReLU low-rank FFN with 2:4 activation sparsity."""
-    _lowrank_attention(layer, m, ctx, "elas")
-    spec = elas_mlp_spec(rank=m.rank, activation=m.lowrank_activation, sparse24=m.sparse24,
-                         sparse24_grad=m.sparse24_grad, kernel_backend=ctx.kernel_backend)
-    sparsity = f"2:4 {m.sparse24_grad}-grad" if m.sparse24 else "computed dense (model.sparse24=false)"
-    _lowrank_mlp(layer, spec, ctx, "elas", f"rank {m.rank}, sigma={m.lowrank_activation}, {sparsity}")
-
-
-VARIANTS: dict[str, Callable[[TransformerLayerSubmodules, ModelConfig, _SpecContext], None]] = {
-    "dense": _dense,
-    "cola": _cola,
-    "elas": _elas,
-}
-"""``model.variant`` -> function that swaps slots of a fresh stock layer spec in place."""
+        _swap(layer, "pre_mlp_layernorm", te_norm(), where, "the replaced TE linear_fc1 carried the norm")
 
 
 def _stock_spec(model_cfg: ModelConfig) -> ModuleSpec:
@@ -190,33 +165,34 @@ def _stock_spec(model_cfg: ModelConfig) -> ModuleSpec:
 
 
 def get_layer_spec(model_cfg: ModelConfig, *, sequence_parallel: bool = False, attention_backend: str,
-                   kernel_backend: str = "auto", rope_backend: str = "megatron") -> ModuleSpec:
+                   kernel_backend: str | None = None, rope_backend: str = "megatron") -> ModuleSpec:
     """The transformer-layer ``ModuleSpec`` of ``model_cfg.variant``.
 
     Args:
         model_cfg: the ``model`` section (variant, ranks, sparsity options, ``spec``).
         sequence_parallel: ``parallel.sequence_parallel``; with the local spec the norms become SP-aware.
         attention_backend: ``"local"``, ``"sdpa"`` or ``"auto"`` (see :func:`resolve_attention_backend`).
-        kernel_backend: backend of the ELAS sparse core (:mod:`elas_megatron.kernels.dispatch`).
+        kernel_backend: backend of the ELAS sparse core (:mod:`elas_megatron.kernels.dispatch`); None =
+            ``model_cfg.kernel_backend``.
         rope_backend: ``"megatron"`` or ``"triton"`` (resolved by :func:`resolve_rope_backend`).
     Returns:
         A ``ModuleSpec`` for ``TransformerLayer``, usable as ``GPTModel(transformer_layer_spec=...)``.
     Raises:
         ValueError: unknown variant / attention backend; ImportError: ``spec=te`` without Transformer Engine.
     """
-    if model_cfg.variant not in VARIANTS:
-        raise ValueError(f"model.variant={model_cfg.variant!r} is unknown; valid variants: {sorted(VARIANTS)}")
+    variant = get_variant(model_cfg.variant)
     backend = resolve_attention_backend(attention_backend)
     spec = _stock_spec(model_cfg)
     layer: TransformerLayerSubmodules = spec.submodules
-    ctx = _SpecContext(te=model_cfg.spec == "te", kernel_backend=kernel_backend)
-    VARIANTS[model_cfg.variant](layer, model_cfg, ctx)
+    ctx = SpecContext(te=model_cfg.spec == "te",
+                      kernel_backend=model_cfg.kernel_backend if kernel_backend is None else kernel_backend)
+    variant.configure_layer(layer, model_cfg, ctx)
     if backend == "sdpa":
         _swap(layer.self_attention.submodules, "core_attention", SDPAttention, "self_attention",
               "model.attention_backend=sdpa")
     if rope_backend not in ("megatron", "triton"):
         raise ValueError(f"rope_backend={rope_backend!r}: resolve it first (resolve_rope_backend)")
-    separate_qkv = (model_cfg.lowrank_parts == "separate" and model_cfg.variant != "dense" and model_cfg.lowrank_attention)
+    separate_qkv = model_cfg.lowrank_parts == "separate" and variant.lowrank_attention(model_cfg)
     if rope_backend == "triton" or separate_qkv:
         attn = layer.self_attention
         attn.module = ElasSelfAttention
@@ -227,9 +203,10 @@ def get_layer_spec(model_cfg: ModelConfig, *, sequence_parallel: bool = False, a
     if sequence_parallel and not ctx.te:
         _swap(layer, "input_layernorm", RMSNorm, "layer", "sequence-parallel RMSNorm")
         _swap(layer, "pre_mlp_layernorm", RMSNorm, "layer", "sequence-parallel RMSNorm")
-    if ctx.te and model_cfg.variant != "dense":
-        # Keep dist-checkpoint keys of the separate norms identical to the local spec's (which maps them to TE's
-        # fused names), so local and TE runs can load each other's checkpoints.
+    if ctx.te:
+        # Where the variant replaced a fused TE LayerNorm+Linear, keep the dist-checkpoint keys of the separate
+        # norm identical to the local spec's (which maps them to TE's fused names), so local and TE runs can
+        # load each other's checkpoints. The stock TE layer (dense) keeps its fused linears: nothing to map.
         keys = layer.sharded_state_dict_keys_map
         if not _is_fused(layer.self_attention.submodules.linear_qkv):
             keys.setdefault("input_layernorm.", "self_attention.linear_qkv.layer_norm_")
@@ -245,7 +222,7 @@ def _is_fused(slot: object) -> bool:
 def get_final_norm(model_cfg: ModelConfig, *, sequence_parallel: bool = False) -> type:
     """The block's final norm class: megatron's choice, or :class:`RMSNorm` for local spec + SP."""
     if model_cfg.spec == "te":
-        return _te_norm()
+        return te_norm()
     if sequence_parallel:
         return RMSNorm
     from megatron.core.transformer.torch_norm import WrappedTorchNorm

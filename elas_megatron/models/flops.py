@@ -1,5 +1,5 @@
 # SPDX-License-Identifier: Apache-2.0
-"""Analytic parameter counts and training FLOPs per token of the three variants (used for MFU).
+"""Analytic parameter counts and training FLOPs per token of the variants (used for MFU).
 
 Counts follow the built networks exactly (a unit test checks them against ``GPTModel``): LLaMA blocks with
 RMSNorm gains, no biases, untied input embedding and output layer.
@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 
 from elas_megatron.config.schema import ModelConfig
+from elas_megatron.variants.registry import get_variant, variant_names
 
 __all__ = [
     "PAPER_SEQ_LEN",
@@ -72,27 +73,13 @@ def layer_matrix_parameters(model_cfg: ModelConfig, tp: int = 1) -> dict[str, in
     Returns:
         ``attention`` (q, k, v, o), ``ffn`` (dense: SwiGLU gate, up, down; cola: the factors of those three;
         elas: the factors of up and down, no gate) and ``a_down`` (elas: the ``A`` factor of the down projection,
-        which multiplies the 2:4-sparse activation; 0 for dense/cola).
+        which multiplies the 2:4-sparse activation; 0 for dense/cola). Each variant computes its own terms
+        (:class:`~elas_megatron.variants.base.Variant`).
     """
-    m = model_cfg
-    h, f, r = m.hidden_size, m.ffn_hidden_size, m.rank
-    head_dim = h // m.num_heads
-    q, kv = m.num_heads * head_dim, m.kv_heads * head_dim
-    if m.variant in ("cola", "elas") and m.lowrank_attention:
-        ra = m.attn_rank
-        # column q|k|v: A_q, A_k, A_v [h, ra], B [ra, out / tp]; row o: A [q / tp, ra], B [ra, h]
-        attention = 3 * h * ra + ra * (q + 2 * kv) // tp + (q // tp) * ra + ra * h
-    else:
-        attention = (h * (q + 2 * kv) + q * h) // tp
-    if m.variant == "dense":
-        ffn = 3 * h * f // tp                                               # SwiGLU gate, up, down
-    elif m.variant == "cola":
-        ffn = 2 * h * r + 2 * r * f // tp + (f // tp) * r + r * h          # gate/up column pair, down row
-    elif m.variant == "elas":
-        ffn = h * r + r * f // tp + (f // tp) * r + r * h                  # up column, down row (no gate)
-    else:
-        raise ValueError(f"model.variant={m.variant!r} is unknown; choose dense, cola or elas")
-    return {"attention": attention, "ffn": ffn, "a_down": (f // tp) * r if m.variant == "elas" else 0}
+    variant = get_variant(model_cfg.variant)
+    return {"attention": variant.attention_matrix_parameters(model_cfg, tp),
+            "ffn": variant.ffn_matrix_parameters(model_cfg, tp),
+            "a_down": variant.sparse_operand_parameters(model_cfg, tp)}
 
 
 def count_parameters(model_cfg: ModelConfig, vocab_size: int) -> dict[str, int]:
@@ -123,7 +110,7 @@ def flops_per_token(model_cfg: ModelConfig, vocab_size: int, seq_len: int, *, sp
     matmul_params = m.num_layers * (parts["attention"] + parts["ffn"]) + vocab_size * m.hidden_size
     flops = 6.0 * matmul_params
     flops += 12.0 * m.num_layers * (m.num_heads * (m.hidden_size // m.num_heads)) * seq_len
-    if not sparse_as_dense and m.variant == "elas" and m.sparse24:
+    if not sparse_as_dense and get_variant(m.variant).sparse_active(m):
         flops -= 2.0 * m.num_layers * parts["a_down"]
     return flops
 
@@ -133,7 +120,7 @@ def parameter_table(vocab_size: int = PAPER_VOCAB_SIZE, seq_len: int = PAPER_SEQ
     rows = ["| size | variant | total (M) | non-embedding (M) | attention/block (M) | FFN/block (M) | "
             "GFLOPs/token (train) |", "|---|---|---:|---:|---:|---:|---:|"]
     for size in PAPER_SHAPES:
-        for variant in ("dense", "cola", "elas"):
+        for variant in variant_names():
             m = paper_model_config(size, variant)
             c = count_parameters(m, vocab_size)
             rows.append(f"| {size} | {variant} | {c['total'] / 1e6:.1f} | {c['non_embedding'] / 1e6:.1f} | "

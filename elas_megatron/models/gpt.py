@@ -1,11 +1,13 @@
 # SPDX-License-Identifier: Apache-2.0
-"""Build the model: megatron-core's ``GPTModel`` from our ``Config`` and the variant's layer spec.
+"""Build the model: megatron-core's ``GPTModel`` from our config and the variant's layer spec.
 
 No model code lives here: the network is ``megatron.core.models.gpt.GPTModel`` (LLaMA settings: RMSNorm, RoPE,
-no biases, untied embeddings, SwiGLU for dense/cola) and the variant only changes the transformer-layer spec
-(:func:`elas_megatron.layers.specs.get_layer_spec`). :func:`transformer_config` is the one translation from our
-schema to megatron's ``TransformerConfig``; :func:`build_model` builds one model chunk (one pipeline / virtual
-pipeline stage) and initialises it layout-invariantly (:mod:`elas_megatron.models.init`).
+no biases, untied embeddings) and the variant (:mod:`elas_megatron.variants`) only changes the transformer-layer
+spec (:func:`elas_megatron.layers.specs.get_layer_spec`) and its FFN settings of ``TransformerConfig``.
+:func:`model_transformer_config` is the one translation from our schema to megatron's ``TransformerConfig``;
+:func:`build_gpt` builds one model chunk (one pipeline / virtual pipeline stage) from the ``model`` and
+``parallel`` sections and initialises it layout-invariantly (:mod:`elas_megatron.models.init`).
+:func:`transformer_config` and :func:`build_model` do the same from a whole run ``Config``.
 """
 from __future__ import annotations
 
@@ -14,13 +16,11 @@ import logging
 from collections.abc import Iterator
 
 import torch
-import torch.nn.functional as F
-from megatron.core.activations import squared_relu
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from elas_megatron.config.schema import Config
+from elas_megatron.config.schema import Config, ModelConfig, ParallelConfig
 from elas_megatron.layers.specs import (
     get_final_norm,
     get_layer_spec,
@@ -30,8 +30,10 @@ from elas_megatron.layers.specs import (
 )
 from elas_megatron.models.init import initialize_weights
 from elas_megatron.models.loss import FusedLossGPTModel
+from elas_megatron.variants.registry import get_variant
 
-__all__ = ["build_model", "model_device", "resolve_dtype", "resolve_loss_backend", "transformer_config"]
+__all__ = ["build_gpt", "build_model", "model_device", "model_transformer_config", "resolve_dtype",
+           "resolve_loss_backend", "transformer_config"]
 
 LOSS_BACKENDS = ("auto", "megatron", "liger")
 
@@ -88,17 +90,23 @@ def _recompute_kwargs(recompute: str) -> dict:
 
 
 def transformer_config(cfg: Config) -> TransformerConfig:
-    """megatron-core ``TransformerConfig`` of a run.
+    """megatron-core ``TransformerConfig`` of a run (:func:`model_transformer_config` with the run's precision
+    and device: ``train.dtype``, ``train.device``)."""
+    return model_transformer_config(cfg.model, cfg.parallel, bf16=resolve_dtype(cfg) == torch.bfloat16,
+                                    on_cuda=model_device(cfg).type == "cuda")
 
-    Shape, LLaMA choices (RMSNorm, no bias, dropout 0, SwiGLU for dense/cola, squared ReLU for elas), the
-    parallel layout (tp/pp/vpp/SP, uneven first/last stages), activation recomputation, and precision flags:
-    parameters stay fp32 (``params_dtype``); with bf16 compute ``bf16=True`` and ``pipeline_dtype=bf16`` so that
-    the trainer's ``Float16Module`` and the p2p buffers match. Fusions that need Apex/TE or CUDA are off on CPU.
+
+def model_transformer_config(model_cfg: ModelConfig, parallel_cfg: ParallelConfig, *, bf16: bool,
+                             on_cuda: bool) -> TransformerConfig:
+    """megatron-core ``TransformerConfig`` of a model and parallel layout.
+
+    Shape, LLaMA choices (RMSNorm, no bias, dropout 0), the variant's FFN (gated or not, its activation:
+    :meth:`~elas_megatron.variants.base.Variant.transformer_kwargs`), the parallel layout (tp/pp/vpp/SP, uneven
+    first/last stages), activation recomputation, and precision flags: parameters stay fp32 (``params_dtype``);
+    with bf16 compute ``bf16=True`` and ``pipeline_dtype=bf16`` so that the trainer's ``Float16Module`` and the
+    p2p buffers match. Fusions that need Apex/TE or CUDA are off on CPU (``on_cuda=False``).
     """
-    m, p = cfg.model, cfg.parallel
-    bf16 = resolve_dtype(cfg) == torch.bfloat16
-    on_cuda = model_device(cfg).type == "cuda"
-    gated = m.variant in ("dense", "cola")
+    m, p = model_cfg, parallel_cfg
     return TransformerConfig(
         num_layers=m.num_layers,
         hidden_size=m.hidden_size,
@@ -108,8 +116,6 @@ def transformer_config(cfg: Config) -> TransformerConfig:
         ffn_hidden_size=m.ffn_hidden_size,
         normalization="RMSNorm",
         layernorm_epsilon=m.norm_eps,
-        gated_linear_unit=gated,
-        activation_func=F.silu if gated else squared_relu,
         add_bias_linear=False,
         add_qkv_bias=False,
         hidden_dropout=0.0,
@@ -127,8 +133,9 @@ def transformer_config(cfg: Config) -> TransformerConfig:
         pipeline_dtype=torch.bfloat16 if bf16 else torch.float32,
         use_cpu_initialization=True,
         # Fusions: the jit-scripted bias/activation/dropout fusions only pay off on CUDA; the softmax, RoPE
-        # and grad-accumulation fusions need Apex/TE kernels.
-        bias_activation_fusion=on_cuda and gated,
+        # and grad-accumulation fusions need Apex/TE kernels. The variant sets gated_linear_unit,
+        # activation_func and bias_activation_fusion.
+        **get_variant(m.variant).transformer_kwargs(m, on_cuda=on_cuda),
         bias_dropout_fusion=on_cuda,
         masked_softmax_fusion=False,
         gradient_accumulation_fusion=False,
@@ -158,38 +165,54 @@ def _quiet_unknown_mlp_warning() -> Iterator[None]:
 
 def build_model(cfg: Config, *, vocab_size: int, pre_process: bool = True, post_process: bool = True,
                 vp_stage: int | None = None, config: TransformerConfig | None = None) -> GPTModel:
-    """One model chunk: megatron ``GPTModel`` with the variant's layers, initialised, fp32, on the run's device.
+    """:func:`build_gpt` from a whole run config (``model``, ``parallel``, ``train.seq_len/seed/device/dtype``).
+
+    ``config``: the ``TransformerConfig`` to build with (default: ``transformer_config(cfg)``). Pass the one the
+    trainer hands to DDP/schedules so that hooks set on it reach every module.
+    """
+    return build_gpt(cfg.model, cfg.parallel, vocab_size=vocab_size, seq_len=cfg.train.seq_len,
+                     seed=cfg.train.seed, device=model_device(cfg),
+                     config=config if config is not None else transformer_config(cfg),
+                     pre_process=pre_process, post_process=post_process, vp_stage=vp_stage)
+
+
+def build_gpt(model_cfg: ModelConfig, parallel_cfg: ParallelConfig, *, vocab_size: int, seq_len: int, seed: int,
+              device: torch.device | str, config: TransformerConfig, pre_process: bool = True,
+              post_process: bool = True, vp_stage: int | None = None) -> GPTModel:
+    """One model chunk: megatron ``GPTModel`` with the variant's layers, initialised, fp32, on ``device``.
 
     Args:
-        cfg: the full run config (model, parallel, train.seq_len/seed/device/dtype).
+        model_cfg: the ``model`` section (shape, variant, backends).
+        parallel_cfg: the ``parallel`` section (tp, sequence parallelism; the layout is in ``config`` too).
         vocab_size: padded vocabulary size (a multiple of ``parallel.tp``).
+        seq_len: the training sequence length (RoPE's maximum length).
+        seed: the initialisation seed (``train.seed``).
+        device: where the model lives.
+        config: the ``TransformerConfig`` (:func:`model_transformer_config`).
         pre_process: this chunk holds the embedding (first pipeline stage).
         post_process: this chunk holds the final norm and output layer (last pipeline stage).
         vp_stage: virtual pipeline stage of this chunk (None without interleaving).
-        config: the ``TransformerConfig`` to build with (default: ``transformer_config(cfg)``). Pass the one the
-            trainer hands to DDP/schedules so that hooks set on it reach every module.
     Returns:
         The ``GPTModel`` (not wrapped: bf16 and DDP wrapping are the trainer's).
     """
-    if vocab_size % cfg.parallel.tp != 0:
-        raise ValueError(f"vocab_size={vocab_size} must be divisible by parallel.tp={cfg.parallel.tp}; pad it "
-                         f"(model.vocab_size) to a multiple of {cfg.parallel.tp}")
-    tconfig = config if config is not None else transformer_config(cfg)
-    device = model_device(cfg)
-    sequence_parallel = cfg.parallel.sequence_parallel
-    layer_spec = get_layer_spec(cfg.model, sequence_parallel=sequence_parallel,
-                                attention_backend=resolve_attention_backend(cfg.model.attention_backend, device),
-                                rope_backend=resolve_rope_backend(cfg.model.rope_backend, device, spec=cfg.model.spec))
+    m, p = model_cfg, parallel_cfg
+    if vocab_size % p.tp != 0:
+        raise ValueError(f"vocab_size={vocab_size} must be divisible by parallel.tp={p.tp}; pad it "
+                         f"(model.vocab_size) to a multiple of {p.tp}")
+    device = torch.device(device)
+    layer_spec = get_layer_spec(m, sequence_parallel=p.sequence_parallel,
+                                attention_backend=resolve_attention_backend(m.attention_backend, device),
+                                kernel_backend=m.kernel_backend,
+                                rope_backend=resolve_rope_backend(m.rope_backend, device, spec=m.spec))
     block_spec = TransformerBlockSubmodules(
-        layer_specs=[layer_spec] * get_num_layers_to_build(tconfig, vp_stage=vp_stage),
-        layer_norm=get_final_norm(cfg.model, sequence_parallel=sequence_parallel))
-    model_class = (FusedLossGPTModel if resolve_loss_backend(cfg.model.loss_backend, device, cfg.parallel.tp) == "liger"
-                   else GPTModel)
+        layer_specs=[layer_spec] * get_num_layers_to_build(config, vp_stage=vp_stage),
+        layer_norm=get_final_norm(m, sequence_parallel=p.sequence_parallel))
+    model_class = FusedLossGPTModel if resolve_loss_backend(m.loss_backend, device, p.tp) == "liger" else GPTModel
     with _quiet_unknown_mlp_warning():
         model = model_class(
-            config=tconfig, transformer_layer_spec=block_spec, vocab_size=vocab_size,
-            max_sequence_length=cfg.train.seq_len, pre_process=pre_process, post_process=post_process,
+            config=config, transformer_layer_spec=block_spec, vocab_size=vocab_size,
+            max_sequence_length=seq_len, pre_process=pre_process, post_process=post_process,
             parallel_output=True, share_embeddings_and_output_weights=False, position_embedding_type="rope",
-            rotary_percent=1.0, rotary_base=int(cfg.model.rope_base), vp_stage=vp_stage)
-    initialize_weights(model, cfg.model, seed=cfg.train.seed)
+            rotary_percent=1.0, rotary_base=int(m.rope_base), vp_stage=vp_stage)
+    initialize_weights(model, m, seed=seed)
     return model.to(device)

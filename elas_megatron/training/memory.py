@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 
 from elas_megatron.config.schema import Config, ModelConfig
 from elas_megatron.models.flops import layer_matrix_parameters
+from elas_megatron.variants.registry import get_variant
 
 __all__ = [
     "GIB",
@@ -145,74 +146,76 @@ def layer_activation_terms(cfg: Config, *, tp: int | None = None, sequence_paral
     sp = (cfg.parallel.sequence_parallel if sequence_parallel is None else sequence_parallel) and tp > 1
     s = cfg.train.seq_len if seq_len is None else seq_len
     e = activation_dtype_bytes(cfg)
-    h, f = m.hidden_size, m.ffn_hidden_size
+    h = m.hidden_size
     hd = h // m.num_heads
     hq, hkv, heads = m.num_heads * hd, m.kv_heads * hd, m.num_heads
     seq_div = tp if sp else 1              # tensors outside the TP region: sharded along the sequence under SP
-    silu = m.lowrank_activation == "silu"
-    lowrank = m.variant in ("cola", "elas")
-    tokens = cfg.train.micro_batch * s
-    SEL, FFN = frozenset({"selective"}), frozenset({"ffn"})
-    terms = [ActivationTerm("attn_norm_in", e * h / seq_div, note="residual stream: input RMSNorm input"),
-             ActivationTerm("attn_norm_rstd", 4 / seq_div, note="input RMSNorm 1/rms per token, fp32"),
-             ActivationTerm("qkv_in", e * h / seq_div, note="input RMSNorm output, input of linear_qkv")]
-
-    def lowrank_column(name: str, in_features: int, parts: int, r: int,
-                       dropped: frozenset[str] = frozenset()) -> None:
-        # sigma(x A) is computed on this rank's tokens (s / tp under SP), then gathered; B multiplies the
-        # gathered [tokens, parts * r] tensor on every rank. Several parts multiply x by their concatenated A
-        # factors ([in, parts * r], a new tensor saved once per micro-batch: spread over its tokens here).
-        if parts > 1:
-            terms.append(ActivationTerm(f"{name}_a_cat", e * in_features * parts * r / tokens, dropped,
-                                        "concatenated A factors (per micro-batch, not per token)"))
-        if silu:
-            terms.append(ActivationTerm(f"{name}_sigma_in", e * parts * r / seq_div, dropped, "x A (SiLU input)"))
-        terms.append(ActivationTerm(f"{name}_b_in", e * parts * r, dropped, "sigma(x A), input of B"))
-
-    def lowrank_row(name: str, r: int, dropped: frozenset[str] = frozenset()) -> None:
-        # the [tokens, r] sum is all-reduced (reduce-scattered under SP) before sigma and B
-        if silu:
-            terms.append(ActivationTerm(f"{name}_sigma_in", e * r / seq_div, dropped, "sum_i x_i A_i (SiLU input)"))
-        terms.append(ActivationTerm(f"{name}_b_in", e * r / seq_div, dropped, "sigma(z), input of B"))
+    variant = get_variant(m.variant)
+    terms = _Terms(e=e, tp=tp, seq_div=seq_div, sparse=sparse, tokens=cfg.train.micro_batch * s,
+                   silu=m.lowrank_activation == "silu")
+    SEL = frozenset({"selective"})
+    terms.add("attn_norm_in", e * h / seq_div, note="residual stream: input RMSNorm input")
+    terms.add("attn_norm_rstd", 4 / seq_div, note="input RMSNorm 1/rms per token, fp32")
+    terms.add("qkv_in", e * h / seq_div, note="input RMSNorm output, input of linear_qkv")
 
     # ---- attention
-    if lowrank and m.lowrank_attention:
-        lowrank_column("qkv", h, 3, m.attn_rank)
-    terms.append(ActivationTerm("qkv_out", e * (hq + 2 * hkv) / tp,
-                                note="fused q|k|v output (kept alive by v, a view of it)"))
-    terms.append(ActivationTerm("qk_rope", e * (hq + hkv) / tp, note="q, k after RoPE"))
+    lowrank_attention = variant.lowrank_attention(m)
+    if lowrank_attention:
+        terms.lowrank_column("qkv", h, 3, m.attn_rank)
+    terms.add("qkv_out", e * (hq + 2 * hkv) / tp, note="fused q|k|v output (kept alive by v, a view of it)")
+    terms.add("qk_rope", e * (hq + hkv) / tp, note="q, k after RoPE")
     if _attention_backend(m, cfg) == "sdpa":
         # NOTE: SDPA's output is laid out like q ([s, b, heads, d] in memory), so the context that linear_proj
         # saves is the same storage as the output SDPA saves: only the log-sum-exp is SDPA's own.
-        terms.append(ActivationTerm("attn_lse", 4 * heads / tp, SEL, "SDPA log-sum-exp, fp32"))
+        terms.add("attn_lse", 4 * heads / tp, SEL, "SDPA log-sum-exp, fp32")
     else:
         probs = (4 + e) if e == 2 else 4     # fp32 softmax output + its bf16 copy for the PV product
-        terms.append(ActivationTerm("attn_probs", probs * heads * s / tp, SEL, "softmax(QK^T), s x s per head"))
-    terms.append(ActivationTerm("proj_in", e * hq / tp, note="attention context, input of linear_proj"))
-    if lowrank and m.lowrank_attention:
-        lowrank_row("proj", m.attn_rank)
+        terms.add("attn_probs", probs * heads * s / tp, SEL, "softmax(QK^T), s x s per head")
+    terms.add("proj_in", e * hq / tp, note="attention context, input of linear_proj")
+    if lowrank_attention:
+        terms.lowrank_row("proj", m.attn_rank)
 
-    # ---- FFN
-    terms.append(ActivationTerm("mlp_norm_in", e * h / seq_div, note="pre-MLP RMSNorm input"))
-    terms.append(ActivationTerm("mlp_norm_rstd", 4 / seq_div, note="pre-MLP RMSNorm 1/rms per token, fp32"))
-    terms.append(ActivationTerm("fc1_in", e * h / seq_div, note="pre-MLP RMSNorm output, input of linear_fc1"))
-    if m.variant in ("dense", "cola"):
-        if m.variant == "cola":
-            lowrank_column("fc1", h, 2, m.rank, FFN)
-        terms.append(ActivationTerm("swiglu_in", e * 2 * f / tp, FFN, "[gate | up], input of the fused SwiGLU"))
-        terms.append(ActivationTerm("fc2_in", e * f / tp, FFN, "SwiGLU output, input of linear_fc2"))
-        if m.variant == "cola":
-            lowrank_row("fc2", m.rank, FFN)
-    else:
-        lowrank_column("fc1", h, 1, m.rank, FFN)
-        if sparse and m.sparse24 and m.sparse24_grad == "masked":
-            # 2 kept values of every 4 + a 4-bit code per group of 4: f/2 * e + f/8 bytes (9/16 of dense bf16)
-            terms.append(ActivationTerm("s_compressed", (f / tp) * (e / 2 + 1 / 8), FFN,
-                                        "2:4-compressed sparse24(relu(y1)^2), input of A_down"))
-        else:
-            terms.append(ActivationTerm("s_dense", e * f / tp, FFN, "relu(y1) (dense phase / masked-dense grad)"))
-        lowrank_row("fc2", m.rank, FFN)
-    return terms
+    # ---- FFN: the norm is common, the rest is the variant's
+    terms.add("mlp_norm_in", e * h / seq_div, note="pre-MLP RMSNorm input")
+    terms.add("mlp_norm_rstd", 4 / seq_div, note="pre-MLP RMSNorm 1/rms per token, fp32")
+    terms.add("fc1_in", e * h / seq_div, note="pre-MLP RMSNorm output, input of linear_fc1")
+    variant.ffn_activation_terms(m, terms)
+    return terms.terms
+
+
+@dataclass
+class _Terms:
+    """Collects :class:`ActivationTerm` s (the ``ActivationTerms`` interface of :mod:`elas_megatron.variants`)."""
+    e: int
+    tp: int
+    seq_div: int
+    sparse: bool
+    tokens: int
+    silu: bool
+    ffn: frozenset[str] = frozenset({"ffn"})
+    terms: list[ActivationTerm] = field(default_factory=list)
+
+    def add(self, name: str, bytes_per_token: float, dropped: frozenset[str] = frozenset(), note: str = "") -> None:
+        self.terms.append(ActivationTerm(name, bytes_per_token, dropped, note))
+
+    def lowrank_column(self, name: str, in_features: int, parts: int, r: int,
+                       dropped: frozenset[str] = frozenset()) -> None:
+        """sigma(x A) is computed on this rank's tokens (s / tp under SP), then gathered; B multiplies the gathered
+        [tokens, parts * r] tensor on every rank. Several parts multiply x by their concatenated A factors
+        ([in, parts * r], a new tensor saved once per micro-batch: spread over its tokens here)."""
+        e = self.e
+        if parts > 1:
+            self.add(f"{name}_a_cat", e * in_features * parts * r / self.tokens, dropped,
+                     "concatenated A factors (per micro-batch, not per token)")
+        if self.silu:
+            self.add(f"{name}_sigma_in", e * parts * r / self.seq_div, dropped, "x A (SiLU input)")
+        self.add(f"{name}_b_in", e * parts * r, dropped, "sigma(x A), input of B")
+
+    def lowrank_row(self, name: str, r: int, dropped: frozenset[str] = frozenset()) -> None:
+        """The [tokens, r] sum is all-reduced (reduce-scattered under SP) before sigma and B."""
+        if self.silu:
+            self.add(f"{name}_sigma_in", self.e * r / self.seq_div, dropped, "sum_i x_i A_i (SiLU input)")
+        self.add(f"{name}_b_in", self.e * r / self.seq_div, dropped, "sigma(z), input of B")
 
 
 def layer_activation_bytes_per_token(terms: list[ActivationTerm], recompute: str) -> float:
@@ -285,7 +288,7 @@ def estimate_memory(cfg: Config, *, world_size: int, vocab_size: int) -> MemoryE
     sp = p.sequence_parallel and p.tp > 1
     per_param = state_bytes_per_param(cfg, dp)
     # elas: a dense warm-up (or a dense-saving mode) keeps relu(y1) dense; the allocator keeps that peak.
-    dense_phase = m.variant == "elas" and (m.dense_warmup_steps > 0 or not m.sparse24 or m.sparse24_grad != "masked")
+    dense_phase = get_variant(m.variant).dense_phase(m)
     terms = layer_activation_terms(cfg, sparse=not dense_phase)
     layers = stage_layers(cfg)
     params = parameters_per_gpu(cfg, vocab_size)

@@ -34,12 +34,9 @@ from elas_megatron.training.guards import NumericGuard, Progress, TestFaults, Wa
 from elas_megatron.training.metrics import MetricsLogger
 from elas_megatron.training.optimizers import backend_class, build_optimizer_backend, build_scheduler
 from elas_megatron.training.signals import StopSignal
+from elas_megatron.variants.registry import get_variant
 
 logger = logging.getLogger(__name__)
-
-# Fields that define the network: a checkpoint whose values differ cannot be loaded into this model.
-_MODEL_IDENTITY = ("variant", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "ffn_hidden_size", "rank",
-                   "attention_rank", "lowrank_attention", "lowrank_activation")
 
 
 def resolve_bf16(cfg: Config, device: torch.device) -> bool:
@@ -96,7 +93,8 @@ class Trainer:
                           device=self.device)
         self.train_batches = StepBatches(train_ds, global_batch=t.global_batch, **batch_args)
         self.valid_batches = StepBatches(valid_ds, global_batch=t.micro_batch * self.info.dp_size, **batch_args)
-        self.sparsity = SparsitySchedule(cfg.model.dense_warmup_steps if cfg.model.variant == "elas" else 0)
+        self.variant = get_variant(cfg.model.variant)
+        self.sparsity = SparsitySchedule(self.variant.dense_warmup_steps(cfg.model))
 
         if self.faults is not None:  # before the guard's hooks, so that they see the poisoned values
             self.faults.install(self._unwrapped(), lambda: self.step + 1)
@@ -264,7 +262,7 @@ class Trainer:
 
     def _density_step(self) -> bool:
         every = self.cfg.train.density_check_every
-        return (self.cfg.model.variant == "elas" and every > 0 and (self.step + 1) % every == 0
+        return (self.variant.sparsity and every > 0 and (self.step + 1) % every == 0
                 and self.sparsity.is_sparse(self.step))
 
     @torch.no_grad()
@@ -330,7 +328,7 @@ class Trainer:
             logger.info("step %d: sparsity/act_density %.4f", self.step, self.density)
         if log_now:
             extra = None
-            if self.cfg.model.variant == "elas":
+            if self.variant.sparsity:
                 extra = {"sparse24": self.sparsity.is_sparse(self.step - 1)}
                 if self.density is not None:
                     extra["sparsity/act_density"] = self.density
@@ -399,8 +397,9 @@ class Trainer:
 
     def _check_compatible(self, path: Path, meta: dict) -> None:
         theirs, ours = meta["config"]["model"], config_to_dict(self.cfg)["model"]
-        diffs = [f"model.{k}: checkpoint {theirs.get(k)!r} vs config {ours[k]!r}" for k in _MODEL_IDENTITY
-                 if theirs.get(k) != ours[k]]
+        # the fields that define the network: a checkpoint whose values differ cannot be loaded into this model
+        diffs = [f"model.{k}: checkpoint {theirs.get(k)!r} vs config {ours[k]!r}"
+                 for k in self.variant.identity_fields if theirs.get(k) != ours[k]]
         if meta.get("vocab_size") != self.vocab_size:
             diffs.append(f"vocab_size: checkpoint {meta.get('vocab_size')} vs this run {self.vocab_size}")
         if diffs:

@@ -1,4 +1,4 @@
-"""The variant registry: only the intended slots of megatron's stock local spec are swapped."""
+"""Layer specs of the variants: only the intended slots of megatron's stock local spec are swapped."""
 from __future__ import annotations
 
 import logging
@@ -62,7 +62,7 @@ def test_attention_backend_and_sequence_parallel_swaps():
 def test_unknown_names_list_the_valid_ones():
     bad = _model("dense")
     bad.variant = "moe"
-    with pytest.raises(ValueError, match=r"valid variants: \['cola', 'dense', 'elas'\]"):
+    with pytest.raises(ValueError, match=r"model.variant='moe' is invalid: choose one of 'dense', 'cola', 'elas'"):
         specs.get_layer_spec(bad, attention_backend="local")
     with pytest.raises(ValueError, match="choose one of"):
         specs.get_layer_spec(_model("dense"), attention_backend="flash")

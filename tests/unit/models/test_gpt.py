@@ -105,3 +105,22 @@ def test_vocab_must_split_over_tp(world):
     cfg.parallel.tp = 2
     with pytest.raises(ValueError, match="divisible by parallel.tp=2"):
         build_model(cfg, vocab_size=63)
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+def test_kernel_backend_reaches_the_elas_mlp(world, backend):
+    model = build_model(tiny_config("elas", kernel_backend=backend), vocab_size=VOCAB)
+    assert {m.kernel_backend for m in model.modules() if isinstance(m, ElasMLP)} == {backend}
+
+
+def test_build_gpt_takes_the_model_and_parallel_sections(world):
+    from elas_megatron.models.gpt import build_gpt, model_transformer_config
+
+    cfg = tiny_config("cola")
+    tconfig = model_transformer_config(cfg.model, cfg.parallel, bf16=False, on_cuda=False)
+    direct = build_gpt(cfg.model, cfg.parallel, vocab_size=VOCAB, seq_len=SEQ, seed=cfg.train.seed, device="cpu",
+                       config=tconfig)
+    via_run_config = build_model(cfg, vocab_size=VOCAB)
+    for (name, a), (_, b) in zip(direct.state_dict().items(), via_run_config.state_dict().items(), strict=True):
+        if not name.endswith("_extra_state"):
+            assert torch.equal(a, b), name
