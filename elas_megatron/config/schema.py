@@ -12,13 +12,12 @@ import math
 from dataclasses import dataclass, field, fields
 from typing import Literal
 
+from elas_megatron.utils.errors import ConfigError
+from elas_megatron.variants.registry import UnknownVariantError, get_variant
+
 Variant = str
 """A name registered in :mod:`elas_megatron.variants` (built in: dense, cola, elas)."""
 KernelBackend = Literal["auto", "reference", "triton", "cusparselt"]
-
-
-class ConfigError(ValueError):
-    """A configuration value is wrong; the message names the key, the value and the fix."""
 
 
 def _check(cond: bool, key: str, value: object, expected: str) -> None:
@@ -96,8 +95,6 @@ class ModelConfig:
     shape, on CUDA, else reference. An explicit backend that cannot run fails when the FFN first runs."""
 
     def __post_init__(self) -> None:
-        from elas_megatron.variants.registry import UnknownVariantError, get_variant
-
         try:
             get_variant(self.variant)
         except UnknownVariantError as exc:
@@ -323,8 +320,6 @@ class Config:
 
 def validate(cfg: Config, world_size: int | None = None) -> None:
     """Cross-section rules. ``world_size`` (when known) checks the parallel layout against it."""
-    from elas_megatron.variants.registry import get_variant
-
     m, p, t = cfg.model, cfg.parallel, cfg.train
     _check(m.num_heads % p.tp == 0, "model.num_heads", m.num_heads, f"divisible by parallel.tp={p.tp}")
     _check(m.kv_heads % p.tp == 0, "model.num_kv_heads", m.kv_heads, f"divisible by parallel.tp={p.tp}")

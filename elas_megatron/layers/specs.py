@@ -17,19 +17,24 @@ Every swap is logged once, on rank 0.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
 import torch
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_layer import TransformerLayerSubmodules
 
-from elas_megatron.config.schema import ModelConfig
 from elas_megatron.layers.attention import ElasSelfAttention, SDPAttention
 from elas_megatron.layers.low_rank import LowRankQKVColumnParallelLinear, LowRankRowParallelLinear
 from elas_megatron.layers.norm import RMSNorm
-from elas_megatron.variants.base import SpecContext
-from elas_megatron.variants.registry import get_variant
+
+if TYPE_CHECKING:  # the variant and config layers sit above this module
+    from elas_megatron.config.schema import ModelConfig
+    from elas_megatron.variants.base import Variant
 
 __all__ = [
     "ATTENTION_BACKENDS",
+    "SpecContext",
     "ROPE_BACKENDS",
     "get_final_norm",
     "get_layer_spec",
@@ -47,6 +52,15 @@ logger = logging.getLogger(__name__)
 ATTENTION_BACKENDS = ("auto", "local", "sdpa")
 ROPE_BACKENDS = ("auto", "megatron", "triton")
 _logged: set[str] = set()  # swap messages already logged by this process (log each once)
+
+
+@dataclass(frozen=True)
+class SpecContext:
+    """What a variant's slot swaps may depend on besides the model config."""
+    te: bool
+    """The Transformer Engine spec (``model.spec=te``): replaced fused TE linears carried a norm."""
+    kernel_backend: str
+    """``model.kernel_backend``: backend of the ELAS sparse core (:mod:`elas_megatron.kernels.dispatch`)."""
 
 
 def te_available() -> bool:
@@ -164,12 +178,14 @@ def _stock_spec(model_cfg: ModelConfig) -> ModuleSpec:
     raise ValueError(f"model.spec={model_cfg.spec!r} is unknown; choose 'local' or 'te'")
 
 
-def get_layer_spec(model_cfg: ModelConfig, *, sequence_parallel: bool = False, attention_backend: str,
+def get_layer_spec(model_cfg: ModelConfig, variant: Variant, *, sequence_parallel: bool = False, attention_backend: str,
                    kernel_backend: str | None = None, rope_backend: str = "megatron") -> ModuleSpec:
     """The transformer-layer ``ModuleSpec`` of ``model_cfg.variant``.
 
     Args:
-        model_cfg: the ``model`` section (variant, ranks, sparsity options, ``spec``).
+        model_cfg: the ``model`` section (ranks, sparsity options, ``spec``).
+        variant: the variant of ``model_cfg.variant`` (:func:`elas_megatron.variants.get_variant`), which swaps
+            its slots.
         sequence_parallel: ``parallel.sequence_parallel``; with the local spec the norms become SP-aware.
         attention_backend: ``"local"``, ``"sdpa"`` or ``"auto"`` (see :func:`resolve_attention_backend`).
         kernel_backend: backend of the ELAS sparse core (:mod:`elas_megatron.kernels.dispatch`); None =
@@ -180,7 +196,6 @@ def get_layer_spec(model_cfg: ModelConfig, *, sequence_parallel: bool = False, a
     Raises:
         ValueError: unknown variant / attention backend; ImportError: ``spec=te`` without Transformer Engine.
     """
-    variant = get_variant(model_cfg.variant)
     backend = resolve_attention_backend(attention_backend)
     spec = _stock_spec(model_cfg)
     layer: TransformerLayerSubmodules = spec.submodules

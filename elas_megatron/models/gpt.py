@@ -200,7 +200,7 @@ def build_gpt(model_cfg: ModelConfig, parallel_cfg: ParallelConfig, *, vocab_siz
         raise ValueError(f"vocab_size={vocab_size} must be divisible by parallel.tp={p.tp}; pad it "
                          f"(model.vocab_size) to a multiple of {p.tp}")
     device = torch.device(device)
-    layer_spec = get_layer_spec(m, sequence_parallel=p.sequence_parallel,
+    layer_spec = get_layer_spec(m, get_variant(m.variant), sequence_parallel=p.sequence_parallel,
                                 attention_backend=resolve_attention_backend(m.attention_backend, device),
                                 kernel_backend=m.kernel_backend,
                                 rope_backend=resolve_rope_backend(m.rope_backend, device, spec=m.spec))

@@ -7,9 +7,9 @@
 * :mod:`~elas_megatron.variants.dense`, :mod:`~elas_megatron.variants.cola`, :mod:`~elas_megatron.variants.elas`:
   the built-in variants.
 """
-from elas_megatron.variants.base import ExportUnsupportedError, SpecContext, Variant
+from elas_megatron.variants.base import ExportUnsupportedError, Variant
 from elas_megatron.variants.registry import (UnknownVariantError, get_variant, register, unregister,
                                              variant_names)
 
-__all__ = ["ExportUnsupportedError", "SpecContext", "UnknownVariantError", "Variant", "get_variant", "register",
+__all__ = ["ExportUnsupportedError", "UnknownVariantError", "Variant", "get_variant", "register",
            "unregister", "variant_names"]

@@ -18,12 +18,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
+from elas_megatron.utils.errors import ConfigError
+
 if TYPE_CHECKING:
+    from elas_megatron.layers.specs import SpecContext
     from megatron.core.transformer.transformer_layer import TransformerLayerSubmodules
 
     from elas_megatron.config.schema import ModelConfig, ParallelConfig
 
-__all__ = ["ActivationTerms", "ExportUnsupportedError", "SpecContext", "Variant"]
+__all__ = ["ActivationTerms", "ExportUnsupportedError", "Variant"]
 
 IDENTITY_FIELDS = ("variant", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "ffn_hidden_size", "rank",
                    "attention_rank", "lowrank_attention", "lowrank_activation")
@@ -32,15 +35,6 @@ IDENTITY_FIELDS = ("variant", "hidden_size", "num_layers", "num_heads", "num_kv_
 
 class ExportUnsupportedError(ValueError):
     """The variant's network cannot be written in the requested export format."""
-
-
-@dataclass(frozen=True)
-class SpecContext:
-    """What a variant's slot swaps may depend on besides the model config."""
-    te: bool
-    """The Transformer Engine spec (``model.spec=te``): replaced fused TE linears carried a norm."""
-    kernel_backend: str
-    """``model.kernel_backend``: backend of the ELAS sparse core (:mod:`elas_megatron.kernels.dispatch`)."""
 
 
 class ActivationTerms(Protocol):
@@ -144,8 +138,6 @@ class Variant:
 
     def validate(self, m: ModelConfig, p: ParallelConfig) -> None:
         """Rules tying this variant's model to the parallel layout; raise ``ConfigError`` naming the key and fix."""
-        from elas_megatron.config.schema import ConfigError
-
         multiple = self.ffn_multiple(m)
         if m.ffn_hidden_size % (multiple * p.tp) != 0:
             if multiple == 1:

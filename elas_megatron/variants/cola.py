@@ -9,12 +9,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, ClassVar
 
-from elas_megatron.variants.base import SpecContext, Variant
+from elas_megatron.variants.base import Variant
 
 if TYPE_CHECKING:
     from megatron.core.transformer.transformer_layer import TransformerLayerSubmodules
 
     from elas_megatron.config.schema import ModelConfig
+    from elas_megatron.layers.specs import SpecContext
     from elas_megatron.variants.base import ActivationTerms
 
 __all__ = ["ColaVariant", "LowRankVariant"]

@@ -16,7 +16,8 @@ if TYPE_CHECKING:
     from megatron.core.transformer.transformer_layer import TransformerLayerSubmodules
 
     from elas_megatron.config.schema import ModelConfig
-    from elas_megatron.variants.base import ActivationTerms, SpecContext
+    from elas_megatron.layers.specs import SpecContext
+    from elas_megatron.variants.base import ActivationTerms
 
 __all__ = ["ElasVariant"]
 

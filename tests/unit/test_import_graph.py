@@ -1,7 +1,7 @@
 """The package's import graph: no cycles, no upward imports, the core never imports the tools, few duplicates.
 
 Every module of ``elas_megatron`` is parsed with ``ast`` (nothing is imported); an import anywhere in a module --
-inside functions too -- is an edge. ``from pkg import name`` counts as an import of ``pkg.name`` when that is a
+inside functions too -- is an edge, except under ``if TYPE_CHECKING:`` (annotations only, never run). ``from pkg import name`` counts as an import of ``pkg.name`` when that is a
 module, else of ``pkg``.
 """
 from __future__ import annotations
@@ -15,11 +15,13 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[2] / "elas_megatron"
 
-LAYERS = ["utils", "compat", "config", "sparsity", "kernels", "layers", "models", "parallel", "data", "training",
-          "prep", "bench", "export", "cli"]
+LAYERS = ["utils", "compat", "sparsity", "kernels", "layers", "variants", "config", "models", "parallel", "data",
+          "training", "prep", "bench", "export", "cli"]
 """The sub-packages, lowest first: a module may import its own layer and the layers before it, never one after.
 
-``utils`` .. ``training`` are the library (the core). ``prep`` (data preparation, ``elas-prep``), ``bench``
+``utils`` .. ``training`` are the library (the core). ``variants`` sit on the layers they assemble; ``config``
+sits on the variants because it composes every component's settings and checks each with the rules of the
+component that owns it (a variant's rules for ``model.*``). ``prep`` (data preparation, ``elas-prep``), ``bench``
 (benchmarks; it builds its corpus with ``prep``), ``export`` and ``cli`` (the entry points, and the config table
 they render) are tools on top of it.
 """
@@ -44,6 +46,19 @@ def _resolve(name: str, mods: dict[str, Path]) -> str | None:
     return name if name in mods else None
 
 
+def _runtime_nodes(tree: ast.AST):
+    """Every node of ``tree`` except those under ``if TYPE_CHECKING:``."""
+    todo = [tree]
+    while todo:
+        node = todo.pop()
+        yield node
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, ast.If) and "TYPE_CHECKING" in ast.unparse(child.test):
+                todo.extend(child.orelse)
+                continue
+            todo.append(child)
+
+
 def import_graph() -> dict[str, set[str]]:
     """Module -> the package modules it imports."""
     mods = _modules()
@@ -51,7 +66,7 @@ def import_graph() -> dict[str, set[str]]:
     for mod, path in mods.items():
         package = mod if path.name == "__init__.py" else mod.rsplit(".", 1)[0]
         targets = set()
-        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        for node in _runtime_nodes(ast.parse(path.read_text(), str(path))):
             if isinstance(node, ast.Import):
                 names = [alias.name for alias in node.names]
             elif isinstance(node, ast.ImportFrom):
@@ -136,6 +151,8 @@ def test_graph_sees_imports_inside_functions():
     # cli.train imports the trainer inside main(); the trainer imports the sparsity schedule inside __init__
     assert "elas_megatron.training.trainer" in graph["elas_megatron.cli.train"]
     assert "elas_megatron.sparsity.schedule" in graph["elas_megatron.training.trainer"]
+    # layers.specs names ModelConfig and Variant in annotations only (under TYPE_CHECKING): no edge
+    assert "elas_megatron.config.schema" not in graph["elas_megatron.layers.specs"]
 
 
 @pytest.mark.skipif(shutil.which("duplicates") is None, reason="the duplicates command is not installed")

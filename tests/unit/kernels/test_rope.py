@@ -95,10 +95,11 @@ def test_rope_backend_resolution(monkeypatch):
 def test_layer_spec_asks_for_fused_rope_only_with_triton():
     from elas_megatron.config.schema import ModelConfig
     from elas_megatron.layers.attention import ElasSelfAttention
+    from elas_megatron.variants import get_variant
 
     model = ModelConfig(variant="elas", lowrank_parts="fused")
-    fused = specs.get_layer_spec(model, attention_backend="local", rope_backend="triton")
-    plain = specs.get_layer_spec(model, attention_backend="local")
+    fused = specs.get_layer_spec(model, get_variant("elas"), attention_backend="local", rope_backend="triton")
+    plain = specs.get_layer_spec(model, get_variant("elas"), attention_backend="local")
     assert fused.submodules.self_attention.module is ElasSelfAttention
     assert fused.submodules.self_attention.params["fused_rope"] is True
     assert plain.submodules.self_attention.module is not ElasSelfAttention
