@@ -37,6 +37,8 @@ from typing import Self
 import torch
 import torch.distributed as dist
 
+from elas_megatron.training.callbacks import Callback
+
 __all__ = ["EXIT_HANG", "FAULTS_ENV", "NumericGuard", "NumericalError", "Progress", "TestFaults", "Watchdog",
            "check_density", "diagnose_hang"]
 
@@ -394,7 +396,7 @@ class Fault:
     arg: str | None
 
 
-class TestFaults:
+class TestFaults(Callback):
     """TEST-ONLY fault injection, configured by ``$ELAS_TEST_FAULTS`` (comma-separated ``KIND@STEP[:rank=R][:ARG]``).
 
     ``STEP`` is the 1-based step as logged in metrics.jsonl (for ``*_in_save``: the checkpoint's step). Kinds:
@@ -407,21 +409,19 @@ class TestFaults:
     * ``nan_grad@3:decoder.layers.1.mlp`` -- NaN into the gradient of the first parameter whose name contains ARG;
     * ``nan_act@3:decoder.layers.1.self_attention`` -- NaN into the output of the module named ARG.
 
-    Without ``:rank=R`` a fault hits every rank. Each fires once.
+    Without ``:rank=R`` a fault hits every rank. Each fires once. A training callback: pass it to the trainer.
     """
 
     KINDS = ("kill", "hang", "kill_in_save", "disk_full_in_save", "nan_grad", "nan_act")
     __test__ = False  # not a pytest class
 
-    def __init__(self, faults: list[Fault], global_rank: int) -> None:
-        self.faults = [f for f in faults if f.rank in (None, global_rank)]
+    def __init__(self, faults: list[Fault]) -> None:
+        self.all_faults = list(faults)
+        self.faults = list(faults)  # this rank's, once the trainer is built
         self.fired: set[Fault] = set()
 
     @classmethod
-    def from_env(cls, global_rank: int) -> TestFaults | None:
-        spec = os.environ.get(FAULTS_ENV, "").strip()
-        if not spec:
-            return None
+    def parse(cls, spec: str) -> TestFaults:
         faults = []
         for item in spec.split(","):
             head, *opts = item.strip().split(":")
@@ -432,8 +432,13 @@ class TestFaults:
                 raise ValueError(f"{FAULTS_ENV}: bad fault {item!r}; write KIND@STEP[:rank=R][:ARG], KIND one of "
                                  f"{', '.join(cls.KINDS)}")
             faults.append(Fault(kind, int(step), rank, arg))
-        logger.warning("%s is set: injecting test faults %s", FAULTS_ENV, faults)
-        return cls(faults, global_rank)
+        logger.warning("injecting test faults %s", faults)
+        return cls(faults)
+
+    @classmethod
+    def from_env(cls) -> TestFaults | None:
+        spec = os.environ.get(FAULTS_ENV, "").strip()
+        return cls.parse(spec) if spec else None
 
     def take(self, kind: str, step: int) -> Fault | None:
         """The not yet fired fault of ``kind`` at ``step`` for this rank (marked fired), else None."""
@@ -443,15 +448,22 @@ class TestFaults:
                 return f
         return None
 
-    def at_step_start(self, step: int) -> None:
+    # callback interface ----------------------------------------------------------------------------------
+    def on_model_built(self, trainer) -> None:
+        """Keep this rank's faults; hooks for ``nan_grad`` / ``nan_act`` (before the numerical guard's)."""
+        rank = trainer.info.global_rank
+        self.faults = [f for f in self.all_faults if f.rank in (None, rank)]
+        self.install(trainer._unwrapped(), lambda: trainer.step + 1)
+
+    def on_step_begin(self, trainer, step: int) -> None:
         if self.take("kill", step):
             os.kill(os.getpid(), signal.SIGKILL)
         if self.take("hang", step):
             while True:
                 time.sleep(3600)
 
-    def in_save(self, phase: str, step: int) -> None:
-        """Called by ``CheckpointManager.save`` at ``begin``, ``written`` and ``published``."""
+    def on_checkpoint_phase(self, phase: str, step: int) -> None:
+        """Called by ``CheckpointManager.save`` at ``begin``, ``scheduled``, ``written`` and ``published``."""
         if phase == "begin" and self.take("disk_full_in_save", step):
             import resource
 
