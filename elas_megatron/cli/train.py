@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None, callbacks=()) -> int:
 
     from elas_megatron.parallel.setup import destroy_parallel
     from elas_megatron.training.checkpoint import CheckpointError
-    from elas_megatron.training.guards import NumericalError
+    from elas_megatron.training.numerics import NumericalError
     from elas_megatron.training.trainer import Trainer
 
     try:

@@ -6,9 +6,9 @@ either megatron-core's DDP + (distributed) optimizer or DeepSpeed ZeRO-1/2 (:mod
 :mod:`elas_megatron.parallel.zero`); both plug into the schedule through its hooks (``finalize_model_grads_func``
 etc.). A single-process CPU run is simply the layout TP=PP=DP=1.
 
-Reliability (docs/reliability.md): every step passes :class:`~elas_megatron.training.guards.NumericGuard` before
+Reliability (docs/reliability.md): every step passes :class:`~elas_megatron.training.numerics.NumericGuard` before
 the optimizer runs (rank-agreed NaN/Inf and loss-spike detection, bounded skipping); multi-process training runs
-under a :class:`~elas_megatron.training.guards.Watchdog` that names stuck ranks; checkpoints are atomic and
+under a :class:`~elas_megatron.training.watchdog.Watchdog` that names stuck ranks; checkpoints are atomic and
 their failures collective (:mod:`elas_megatron.training.checkpoint`), optionally written in the background
 (``checkpoint.async_save``), and hold every rank's RNG states. ``train()`` decides to stop in one place,
 :meth:`Trainer.should_stop`.
@@ -36,10 +36,11 @@ from elas_megatron.parallel.zero import check_deepspeed_config
 from elas_megatron.training.callbacks import Callback, CallbackList
 from elas_megatron.training.checkpoint import (RNG_KEY, CheckpointError, CheckpointManager, get_rng_state,
                                                 rng_sharded_object, set_rng_state)
-from elas_megatron.training.guards import NumericGuard, Progress, TestFaults, Watchdog, check_density
+from elas_megatron.training.numerics import NumericGuard
 from elas_megatron.training.metrics import MetricsLogger
 from elas_megatron.training.optim import build_optimizer_backend, build_scheduler
 from elas_megatron.training.signals import StopSignal
+from elas_megatron.training.watchdog import Progress, Watchdog
 
 logger = logging.getLogger(__name__)
 
@@ -89,8 +90,7 @@ class Trainer:
                                      flops_per_token=flops_per_token(cfg.model, self.vocab_size, t.seq_len),
                                      device=self.device, num_gpus=self.info.world_size, every=cfg.log.every,
                                      last_step=t.steps)
-        faults = TestFaults.from_env()  # test-only ($ELAS_TEST_FAULTS), None in every real run
-        self.callbacks = CallbackList([*([faults] if faults is not None else []), *callbacks, self.metrics])
+        self.callbacks = CallbackList([*callbacks, self.metrics])
         self.ckpt = CheckpointManager(cfg.checkpoint.dir or self.run_dir / "checkpoints",
                                       keep_last=cfg.checkpoint.keep_last, global_rank=self.info.global_rank,
                                       on_phase=self._checkpoint_phase,
@@ -244,6 +244,7 @@ class Trainer:
         Calls the callbacks' ``on_step_begin`` / ``on_step_end`` (with the step's metrics) and, around the
         optimizer step, ``on_before_optimizer_step`` / ``on_after_optimizer_step``.
         """
+        from elas_megatron.sparsity.density import check_density
         from elas_megatron.sparsity.schedule import elas_mlps, set_density_tracking
 
         self._sync()
