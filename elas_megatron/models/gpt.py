@@ -28,7 +28,7 @@ from elas_megatron.layers.specs import (
     resolve_rope_backend,
     te_available,
 )
-from elas_megatron.models.init import initialize_weights
+from elas_megatron.models.init import WEIGHT_INITS, initialize_weights, initialize_weights_fast
 from elas_megatron.models.loss import FusedLossGPTModel
 
 __all__ = ["build_model", "model_device", "resolve_dtype", "resolve_loss_backend", "transformer_config"]
@@ -157,7 +157,8 @@ def _quiet_unknown_mlp_warning() -> Iterator[None]:
 
 
 def build_model(cfg: Config, *, vocab_size: int, pre_process: bool = True, post_process: bool = True,
-                vp_stage: int | None = None, config: TransformerConfig | None = None) -> GPTModel:
+                vp_stage: int | None = None, config: TransformerConfig | None = None,
+                weight_init: str = "exact") -> GPTModel:
     """One model chunk: megatron ``GPTModel`` with the variant's layers, initialised, fp32, on the run's device.
 
     Args:
@@ -168,13 +169,24 @@ def build_model(cfg: Config, *, vocab_size: int, pre_process: bool = True, post_
         vp_stage: virtual pipeline stage of this chunk (None without interleaving).
         config: the ``TransformerConfig`` to build with (default: ``transformer_config(cfg)``). Pass the one the
             trainer hands to DDP/schedules so that hooks set on it reach every module.
+        weight_init: ``exact`` -- the layout-invariant initialisation of :mod:`elas_megatron.models.init`
+            (training); ``fast`` -- weights drawn on the device by
+            :func:`~elas_megatron.models.init.initialize_weights_fast` (benchmarks, TP = 1 only); megatron's own
+            CPU initialisation is then switched off in ``config`` (``perform_initialization=False``).
     Returns:
         The ``GPTModel`` (not wrapped: bf16 and DDP wrapping are the trainer's).
     """
     if vocab_size % cfg.parallel.tp != 0:
         raise ValueError(f"vocab_size={vocab_size} must be divisible by parallel.tp={cfg.parallel.tp}; pad it "
                          f"(model.vocab_size) to a multiple of {cfg.parallel.tp}")
+    if weight_init not in WEIGHT_INITS:
+        raise ValueError(f"weight_init={weight_init!r} is unknown; choose one of {', '.join(WEIGHT_INITS)}")
+    if weight_init == "fast" and cfg.parallel.tp != 1:
+        raise ValueError("weight_init='fast' needs parallel.tp=1: megatron sets the tensor-parallel attributes of "
+                         "its weights inside the initialisation it skips")
     tconfig = config if config is not None else transformer_config(cfg)
+    if weight_init == "fast":
+        tconfig.perform_initialization = False  # megatron allocates the weights uninitialised; drawn below
     device = model_device(cfg)
     sequence_parallel = cfg.parallel.sequence_parallel
     layer_spec = get_layer_spec(cfg.model, sequence_parallel=sequence_parallel,
@@ -191,5 +203,8 @@ def build_model(cfg: Config, *, vocab_size: int, pre_process: bool = True, post_
             max_sequence_length=cfg.train.seq_len, pre_process=pre_process, post_process=post_process,
             parallel_output=True, share_embeddings_and_output_weights=False, position_embedding_type="rope",
             rotary_percent=1.0, rotary_base=int(cfg.model.rope_base), vp_stage=vp_stage)
-    initialize_weights(model, cfg.model, seed=cfg.train.seed)
+    if weight_init == "fast":
+        initialize_weights_fast(model, cfg.model, seed=cfg.train.seed, device=device)
+    else:
+        initialize_weights(model, cfg.model, seed=cfg.train.seed)
     return model.to(device)

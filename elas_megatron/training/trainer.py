@@ -67,10 +67,12 @@ class Trainer:
             length ``train.seq_len``. ``model.vocab_size`` must then be set (no tokenizer is read).
         callbacks: :class:`~elas_megatron.training.callbacks.Callback` s called at the loop's hook points, in
             order, before the trainer's own metrics log (``self.metrics``).
+        weight_init: ``exact`` (training: layout-invariant) or ``fast`` (benchmarks: drawn on the device, TP = 1);
+            see :func:`elas_megatron.models.gpt.build_model`.
     """
 
     def __init__(self, cfg: Config, *, resume: bool = False, datasets: tuple | None = None,
-                 callbacks: tuple[Callback, ...] | list[Callback] = ()) -> None:
+                 callbacks: tuple[Callback, ...] | list[Callback] = (), weight_init: str = "exact") -> None:
         from elas_megatron.models.flops import flops_per_token
         from elas_megatron.sparsity.schedule import SparsitySchedule
 
@@ -78,6 +80,7 @@ class Trainer:
         self.info: ParallelInfo = initialize_parallel(cfg.parallel, seed=cfg.train.seed, device=cfg.train.device)
         validate(cfg, self.info.world_size)
         self.cfg = cfg
+        self.weight_init = weight_init
         self.device = self.info.device
         self.bf16 = resolve_bf16(cfg, self.device)
         self.vocab_size = self._resolve_vocab_size(datasets is not None)
@@ -178,7 +181,7 @@ class Trainer:
             pre = parallel_state.is_pipeline_first_stage(ignore_virtual=vpp is None, vp_stage=stage)
             post = parallel_state.is_pipeline_last_stage(ignore_virtual=vpp is None, vp_stage=stage)
             chunk = build_model(self.cfg, vocab_size=self.vocab_size, pre_process=pre, post_process=post,
-                                vp_stage=stage, config=self.tconfig).to(self.device)
+                                vp_stage=stage, config=self.tconfig, weight_init=self.weight_init).to(self.device)
             if self.bf16:
                 chunk = Float16Module(self.tconfig, chunk)
             if self.cfg.parallel.optimizer == "megatron":
