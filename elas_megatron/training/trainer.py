@@ -36,8 +36,8 @@ from elas_megatron.parallel.zero import check_deepspeed_config
 from elas_megatron.training.callbacks import Callback, CallbackList
 from elas_megatron.training.checkpoint import (RNG_KEY, CheckpointError, CheckpointManager, get_rng_state,
                                                 rng_sharded_object, set_rng_state)
-from elas_megatron.training.numerics import NumericGuard
 from elas_megatron.training.metrics import MetricsLogger
+from elas_megatron.training.numerics import NumericGuard
 from elas_megatron.training.optim import build_optimizer_backend, build_scheduler
 from elas_megatron.training.signals import StopSignal
 from elas_megatron.training.watchdog import Progress, Watchdog

@@ -13,8 +13,8 @@ import pytest
 import torch
 from reliability_runs import TORCHRUN, launch, run
 
-from elas_megatron.training.numerics import NumericalError
 from elas_megatron.training.metrics import read_metrics
+from elas_megatron.training.numerics import NumericalError
 
 
 def _weights(trainer) -> list[torch.Tensor]:
