@@ -1,6 +1,7 @@
 """Helpers of the reliability tests: launch elas-train (1 process, or 2 under torchrun) on the shipped demo corpus
-with tiny shapes and injected faults (``fault_train.py``), per-step losses from metrics.jsonl (read as docs/reliability.md defines, by
-:func:`elas_megatron.training.metrics.read_metrics`), and a tiny in-memory dataset for in-process trainers."""
+with tiny shapes and injected faults (``fault_train.py``), per-step losses from metrics.jsonl (read as
+docs/reliability.md defines, by :func:`elas_megatron.training.metrics.read_metrics`), and a tiny in-memory dataset
+for in-process trainers."""
 from __future__ import annotations
 
 import os
