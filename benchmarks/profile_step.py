@@ -43,7 +43,7 @@ def family(name: str) -> str:
 
 def profile_variant(configs: list[str], overrides: list[str], variant: str, micro_batch: int, seq_len: int,
                     warmup: int, steps: int) -> dict:
-    from elas_megatron.bench.throughput import RandomTokens, WorkerSpec, _load_config, fast_init
+    from elas_megatron.bench.throughput import RandomTokens, WorkerSpec, _load_config
     from elas_megatron.parallel.setup import destroy_parallel, resolve_device
     from elas_megatron.training.trainer import Trainer
 
@@ -52,8 +52,7 @@ def profile_variant(configs: list[str], overrides: list[str], variant: str, micr
     cfg = _load_config(spec, micro_batch)
     device = resolve_device(cfg.train.device)
     data = RandomTokens(seq_len=seq_len, vocab_size=cfg.model.vocab_size, seed=0)
-    with fast_init(device):
-        trainer = Trainer(cfg, datasets=(data, data))
+    trainer = Trainer(cfg, datasets=(data, data), weight_init="fast")
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     try:
         for _ in range(warmup):

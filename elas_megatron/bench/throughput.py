@@ -27,12 +27,16 @@ out of memory after others in a fresh process before believing it; ``isolation="
 (tests, debugging).
 
 Data are random tokens (uniform over the vocabulary): speed does not depend on them. Weights are drawn on the
-device (``fast_init``) instead of the layout-invariant CPU initialisation, which takes tens of seconds per
-process at 1B; the values do not change the speed. ``--exact-init`` keeps the training initialisation.
+device (``Trainer(..., weight_init="fast")``, :func:`elas_megatron.models.init.initialize_weights_fast`) instead of
+the layout-invariant CPU initialisation, which takes tens of seconds per process at 1B; the values do not change
+the speed. ``--exact-init`` keeps the training initialisation.
+
+Training steps are observed through the trainer's callbacks (:class:`StepProbe`): the step time with the device
+synchronised around the step, the memory peaks before and during the optimizer step, and the optimizer's
+interval of the time split. Nothing of the trainer is replaced.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import gc
 import json
@@ -44,15 +48,16 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from elas_megatron.training.callbacks import Callback
 from elas_megatron.variants.registry import get_variant
 
-__all__ = ["TINY_OVERRIDES", "WorkerSpec", "fast_init", "measure", "prefill_flops_per_token", "run_sweep"]
+__all__ = ["TINY_OVERRIDES", "StepProbe", "WorkerSpec", "measure", "prefill_flops_per_token", "run_sweep"]
 
 logger = logging.getLogger(__name__)
 
@@ -126,44 +131,6 @@ def is_oom(exc: BaseException) -> bool:
     return "out of memory" in text.lower() or "ALLOC_FAILED" in text
 
 
-@contextlib.contextmanager
-def fast_init(device: torch.device) -> Iterator[None]:
-    """Build models without megatron's CPU initialisation; draw the weights on ``device`` instead.
-
-    Patches, for the duration, ``elas_megatron.models.gpt``'s ``transformer_config`` (``perform_initialization
-    =False``: megatron allocates empty CPU tensors) and ``initialize_weights`` (move to ``device``, then norm
-    gains 1, low-rank factors CoLA's std, other matrices ``model.init_std``). Only for TP = 1: megatron sets the
-    tensor-parallel attributes of its weights inside the initialisation this skips.
-    """
-    from elas_megatron.layers.low_rank import cola_init_std, is_low_rank_module
-    from elas_megatron.models import gpt
-
-    make_config, initialize = gpt.transformer_config, gpt.initialize_weights
-
-    def transformer_config(cfg):
-        tconfig = make_config(cfg)
-        tconfig.perform_initialization = False
-        return tconfig
-
-    @torch.no_grad()
-    def initialize_on_device(model, model_cfg, *, seed: int) -> None:
-        model.to(device)
-        gen = torch.Generator(device=device).manual_seed(seed)
-        for module in model.modules():
-            for name, param in module.named_parameters(recurse=False):
-                if param.dim() < 2:
-                    param.fill_(0.0 if name.endswith("bias") else 1.0)
-                    continue
-                std = cola_init_std(*module.lowrank_dims[name]) if is_low_rank_module(module) else model_cfg.init_std
-                param.normal_(0.0, std, generator=gen)
-
-    gpt.transformer_config, gpt.initialize_weights = transformer_config, initialize_on_device
-    try:
-        yield
-    finally:
-        gpt.transformer_config, gpt.initialize_weights = make_config, initialize
-
-
 def _load_config(spec: WorkerSpec, micro_batch: int):
     from elas_megatron.config.loader import load_config
 
@@ -226,7 +193,8 @@ def _split_ms(raw: dict[str, float], step_ms: float) -> dict[str, float]:
 def measure(spec: WorkerSpec, emit: Callable[[dict], None]) -> None:
     """Run ``spec`` in this process; ``emit`` one record per micro-batch size (stops after an OOM or error)."""
     from elas_megatron.models.flops import count_parameters, flops_per_token
-    from elas_megatron.parallel.setup import destroy_parallel, resolve_device
+    from elas_megatron.models.gpt import resolve_loss_backend
+    from elas_megatron.parallel.setup import destroy_parallel
     from elas_megatron.training.metrics import peak_flops
 
     batches = sorted(spec.micro_batches)
@@ -237,9 +205,8 @@ def measure(spec: WorkerSpec, emit: Callable[[dict], None]) -> None:
             "params_m": count_parameters(cfg.model, vocab)["total"] / 1e6}
     use_fast = spec.fast_init and cfg.parallel.tp == 1
     try:
-        device = resolve_device(cfg.train.device)
-        with fast_init(device) if use_fast else contextlib.nullcontext():
-            runner = (_TrainRunner if spec.mode == "train" else _PrefillRunner)(cfg, spec)
+        weight_init = "fast" if use_fast else "exact"
+        runner = (_TrainRunner if spec.mode == "train" else _PrefillRunner)(cfg, spec, weight_init)
     except Exception as exc:  # noqa: BLE001  (a build failure is reported like a step failure)
         emit({**base, "micro_batch": batches[0], "status": "oom" if is_oom(exc) else "error",
               "error": f"build: {type(exc).__name__}: {exc}"[:2000]})
@@ -251,7 +218,9 @@ def measure(spec: WorkerSpec, emit: Callable[[dict], None]) -> None:
     base.update(device=torch.cuda.get_device_name() if runner.device.type == "cuda" else "cpu",
                 dtype="bf16" if runner.bf16 else "fp32", init="fast" if use_fast else "exact",
                 attention_backend=runner.attention_backend, rope_backend=runner.rope_backend,
-                adam_impl=getattr(runner, "adam_kernel", "-"), flops_per_token=fpt)
+                adam_impl=getattr(runner, "adam_kernel", "-"), flops_per_token=fpt,
+                lowrank_parts=cfg.model.lowrank_parts, multi_tensor_impl=cfg.optim.multi_tensor_impl,
+                loss_backend=resolve_loss_backend(cfg.model.loss_backend, runner.device, cfg.parallel.tp))
     try:
         for b in batches:
             tokens = b * spec.seq_len * base["accumulation"]
@@ -277,41 +246,71 @@ def measure(spec: WorkerSpec, emit: Callable[[dict], None]) -> None:
         destroy_parallel()
 
 
+class StepProbe(Callback):
+    """A training callback that measures each step: its time with the device synchronised before and after
+    (``step_times_s``), with ``track_peaks`` the memory peak of forward + backward and of the optimizer step
+    (``peaks``), and, while ``timer`` is enabled, the optimizer step as the interval ``optimizer``.
+
+    Args:
+        clock: the device's :class:`~elas_megatron.bench.timing.Clock`.
+        memory: peak-memory readings (None on a CPU).
+        timer: the :class:`~elas_megatron.bench.timing.ModuleTimer` of the time split, if any.
+    """
+
+    def __init__(self, clock, memory: _Memory, timer=None) -> None:
+        self.clock, self.memory, self.timer = clock, memory, timer
+        self.step_times_s: list[float] = []
+        self.peaks = {"fwd_bwd": 0.0, "optimizer": 0.0}
+        self.track_peaks = False
+        self._start: float | None = None
+
+    def on_step_begin(self, trainer, step: int) -> None:
+        self.clock.synchronize()
+        self._start = time.perf_counter()
+
+    def on_before_optimizer_step(self, trainer) -> None:
+        if self.track_peaks:  # the forward/backward peak, then the optimizer's own
+            self.peaks["fwd_bwd"] = max(self.peaks["fwd_bwd"], self.memory.peak())
+            self.memory.reset_peak()
+        if self.timer is not None:
+            self.timer.begin("optimizer")
+
+    def on_after_optimizer_step(self, trainer) -> None:
+        if self.timer is not None:
+            self.timer.end("optimizer")
+        if self.track_peaks:
+            self.peaks["optimizer"] = max(self.peaks["optimizer"], self.memory.peak())
+
+    def on_step_end(self, trainer, step: int, metrics: dict) -> None:
+        self.clock.synchronize()
+        self.step_times_s.append(time.perf_counter() - self._start)
+
+
 class _TrainRunner:
     """Trainer steps (megatron schedule, optimizer backend) on random tokens."""
 
-    def __init__(self, cfg, spec: WorkerSpec) -> None:
+    def __init__(self, cfg, spec: WorkerSpec, weight_init: str = "exact") -> None:
         from elas_megatron.bench.timing import Clock, ModuleTimer
         from elas_megatron.layers.specs import resolve_attention_backend, resolve_rope_backend
+        from elas_megatron.parallel.setup import resolve_device
         from elas_megatron.training.trainer import Trainer
 
         self.spec = spec
         self.data = RandomTokens(seq_len=spec.seq_len, vocab_size=cfg.model.vocab_size, seed=cfg.train.seed)
-        self.trainer = Trainer(cfg, datasets=(self.data, self.data))
+        device = resolve_device(cfg.train.device)
+        self.memory = _Memory(device)
+        self.clock = Clock(device)
+        self.probe = StepProbe(self.clock, self.memory)
+        self.trainer = Trainer(cfg, datasets=(self.data, self.data), callbacks=[self.probe],
+                               weight_init=weight_init)
         self.device, self.bf16 = self.trainer.device, self.trainer.bf16
         self.attention_backend = resolve_attention_backend(cfg.model.attention_backend, self.device)
         self.rope_backend = resolve_rope_backend(cfg.model.rope_backend, self.device, spec=cfg.model.spec)
         self.adam_kernel = getattr(self.trainer.backend, "adam_kernel", "-")
-        self.memory = _Memory(self.device)
-        self.clock = Clock(self.device)
-        self.timer = ModuleTimer(self.trainer.model, self.clock)
-        self.peaks = {"fwd_bwd": 0.0, "optimizer": 0.0}
-        self.track_peaks = False
-        backend_step = self.trainer.backend.step
-
-        def step_with_peaks():
-            if self.track_peaks:  # the forward/backward peak, then the optimizer's own
-                self.peaks["fwd_bwd"] = max(self.peaks["fwd_bwd"], self.memory.peak())
-                self.memory.reset_peak()
-            result = backend_step()
-            if self.track_peaks:
-                self.peaks["optimizer"] = max(self.peaks["optimizer"], self.memory.peak())
-            return result
-
-        self.trainer.backend.step = self.timer.wrap("optimizer", step_with_peaks)
+        self.timer = self.probe.timer = ModuleTimer(self.trainer.model, self.clock)
         tconfig = self.trainer.tconfig
-        if tconfig.finalize_model_grads_func is not None:
-            tconfig.finalize_model_grads_func = self.timer.wrap("grad_sync", tconfig.finalize_model_grads_func)
+        if tconfig.finalize_model_grads_func is not None:  # megatron's setting for it: there is no hook
+            tconfig.finalize_model_grads_func = self.timer.timed("grad_sync", tconfig.finalize_model_grads_func)
 
     def _set_batch(self, micro_batch: int) -> None:
         from elas_megatron.data.loader import StepBatches
@@ -322,13 +321,10 @@ class _TrainRunner:
                                                  dp_rank=0, dp_size=1, device=self.device)
 
     def _step(self) -> float:
-        self.clock.synchronize()
-        start = time.perf_counter()
         loss, _ = self.trainer.train_step()
-        self.clock.synchronize()
         if not np.isfinite(loss):
             raise FloatingPointError(f"loss is {loss}")
-        return time.perf_counter() - start
+        return self.probe.step_times_s[-1]
 
     def run(self, micro_batch: int) -> dict:
         from elas_megatron.training.memory import estimate_memory
@@ -339,18 +335,19 @@ class _TrainRunner:
             self._step()
         state = self.memory.allocated()
         self.memory.reset_peak()
-        self.peaks = {"fwd_bwd": 0.0, "optimizer": 0.0}
-        self.track_peaks = self.memory.cuda
+        self.probe.peaks = {"fwd_bwd": 0.0, "optimizer": 0.0}
+        self.probe.track_peaks = self.memory.cuda
         try:
             times = [self._step() for _ in range(self.spec.steps)]
         finally:
-            self.track_peaks = False
+            self.probe.track_peaks = False
         out = {"step_time_s": statistics.median(times), "step_time_mean_s": statistics.fmean(times),
                "state_gib": state, "reserved_gib": self.memory.reserved_peak(), "peak_gib": None,
                "activation_gib": None, "optimizer_peak_gib": None}
         if self.memory.cuda:
-            out.update(peak_gib=max(self.peaks.values()), activation_gib=self.peaks["fwd_bwd"] - state,
-                       optimizer_peak_gib=self.peaks["optimizer"])
+            peaks = self.probe.peaks
+            out.update(peak_gib=max(peaks.values()), activation_gib=peaks["fwd_bwd"] - state,
+                       optimizer_peak_gib=peaks["optimizer"])
         est = estimate_memory(self.trainer.cfg, world_size=1, vocab_size=self.trainer.vocab_size).peak
         out.update(activation_estimate_gib=est.activations / _GIB, total_estimate_gib=est.total / _GIB)
         if self.spec.profile_steps:
@@ -371,7 +368,7 @@ class _TrainRunner:
 class _PrefillRunner:
     """Forward-only prefill of the model (no optimizer): all positions through the layers, logits of the last."""
 
-    def __init__(self, cfg, spec: WorkerSpec) -> None:
+    def __init__(self, cfg, spec: WorkerSpec, weight_init: str = "exact") -> None:
         from megatron.core.transformer.module import Float16Module
 
         from elas_megatron.bench.timing import Clock, ModuleTimer
@@ -387,7 +384,7 @@ class _PrefillRunner:
         self.attention_backend = resolve_attention_backend(cfg.model.attention_backend, self.device)
         self.rope_backend = resolve_rope_backend(cfg.model.rope_backend, self.device, spec=cfg.model.spec)
         tconfig = transformer_config(cfg)
-        model = build_model(cfg, vocab_size=cfg.model.vocab_size, config=tconfig)
+        model = build_model(cfg, vocab_size=cfg.model.vocab_size, config=tconfig, weight_init=weight_init)
         self.gpt = model
         self.model = Float16Module(tconfig, model) if self.bf16 else model
         self.model.eval()

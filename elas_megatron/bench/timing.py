@@ -11,7 +11,9 @@ run synchronously there, so the host clock is the device clock).
 * backward: a gradient hook on the module's output takes the start timestamp (the gradient of the output has
   arrived, the module's backward begins), one on its input the end timestamp (the gradient of the input is
   complete). The inputs of the timed modules (a norm's output, q after RoPE) feed nothing else, so that is
-  the end of the module's own backward. Nothing in the model is wrapped or replaced.
+  the end of the module's own backward. Nothing in the model is wrapped or replaced;
+* named intervals (:meth:`ModuleTimer.begin` / :meth:`ModuleTimer.end`) around anything else, e.g. the optimizer
+  step from a training callback (:class:`elas_megatron.bench.throughput.StepProbe`).
 
 An interval is the time the device stream spent between the two points, including any idle gaps while the host
 launches kernels (a launch-bound step shows up as time inside the modules, which is where the launches are).
@@ -82,7 +84,7 @@ def _first_tensor(value) -> torch.Tensor | None:
 
 
 class ModuleTimer:
-    """Forward and backward time per category of module, plus named intervals around callables.
+    """Forward and backward time per category of module (module hooks), plus named intervals.
 
     Args:
         model_chunks: the modules to instrument (wrappers such as DDP / Float16Module are fine).
@@ -93,6 +95,7 @@ class ModuleTimer:
         self.clock = clock
         self.enabled = False
         self._intervals: dict[str, list[tuple]] = defaultdict(list)
+        self._open: dict[str, object] = {}
         self._handles = []
         for chunk in model_chunks:
             for name, module in chunk.named_modules():
@@ -138,20 +141,31 @@ class ModuleTimer:
                 self._intervals[f"{category}/bwd"].append((starts.pop(), self.clock.mark()))
         return hook
 
-    def wrap(self, name: str, fn: Callable) -> Callable:
-        """``fn`` with an interval named ``name`` taken around each call while enabled."""
-        def timed(*args, **kwargs):
-            if not self.enabled:
-                return fn(*args, **kwargs)
-            start = self.clock.mark()
+    def begin(self, name: str) -> None:
+        """Start an interval named ``name`` (while enabled); :meth:`end` closes it."""
+        if self.enabled:
+            self._open[name] = self.clock.mark()
+
+    def end(self, name: str) -> None:
+        """Close the interval :meth:`begin` opened (nothing if it was not opened while enabled)."""
+        start = self._open.pop(name, None)
+        if start is not None:
+            self._intervals[name].append((start, self.clock.mark()))
+
+    def timed(self, name: str, fn: Callable) -> Callable:
+        """``fn`` with an interval named ``name`` around each call while enabled: for a callable that a library
+        takes as a setting (megatron's ``finalize_model_grads_func``), where no hook exists."""
+        def call(*args, **kwargs):
+            self.begin(name)
             try:
                 return fn(*args, **kwargs)
             finally:
-                self._intervals[name].append((start, self.clock.mark()))
-        return timed
+                self.end(name)
+        return call
 
     def reset(self) -> None:
         self._intervals.clear()
+        self._open.clear()
 
     def summary_ms(self, steps: int = 1) -> dict[str, float]:
         """Milliseconds per step of every recorded interval name (synchronises the device first)."""

@@ -25,7 +25,12 @@ EXIT_CONFIG = 2
 EXIT_NUMERICAL = 3
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, callbacks=()) -> int:
+    """``elas-train`` with ``argv`` (default ``sys.argv[1:]``); returns the exit code.
+
+    ``callbacks``: :class:`~elas_megatron.training.callbacks.Callback` s handed to the trainer (for programs that
+    wrap ``elas-train``, e.g. with instrumentation).
+    """
     parser = argparse.ArgumentParser(prog="elas-train", description=__doc__.splitlines()[0])
     parser.add_argument("args", nargs="+", metavar="CONFIG.yaml | section.key=value",
                         help="YAML configs (merged left to right), then overrides such as train.steps=100")
@@ -57,11 +62,11 @@ def main(argv: list[str] | None = None) -> int:
 
     from elas_megatron.parallel.setup import destroy_parallel
     from elas_megatron.training.checkpoint import CheckpointError
-    from elas_megatron.training.guards import NumericalError
+    from elas_megatron.training.numerics import NumericalError
     from elas_megatron.training.trainer import Trainer
 
     try:
-        trainer = Trainer(cfg, resume=args.resume)
+        trainer = Trainer(cfg, resume=args.resume, callbacks=callbacks)
         val_loss = trainer.train()
     except (ConfigError, CheckpointError, FileNotFoundError, ValueError) as exc:
         print(f"elas-train: error: {exc}", file=sys.stderr)

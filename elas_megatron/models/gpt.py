@@ -28,7 +28,7 @@ from elas_megatron.layers.specs import (
     resolve_rope_backend,
     te_available,
 )
-from elas_megatron.models.init import initialize_weights
+from elas_megatron.models.init import WEIGHT_INITS, initialize_weights, initialize_weights_fast
 from elas_megatron.models.loss import FusedLossGPTModel
 from elas_megatron.variants.registry import get_variant
 
@@ -164,7 +164,8 @@ def _quiet_unknown_mlp_warning() -> Iterator[None]:
 
 
 def build_model(cfg: Config, *, vocab_size: int, pre_process: bool = True, post_process: bool = True,
-                vp_stage: int | None = None, config: TransformerConfig | None = None) -> GPTModel:
+                vp_stage: int | None = None, config: TransformerConfig | None = None,
+                weight_init: str = "exact") -> GPTModel:
     """:func:`build_gpt` from a whole run config (``model``, ``parallel``, ``train.seq_len/seed/device/dtype``).
 
     ``config``: the ``TransformerConfig`` to build with (default: ``transformer_config(cfg)``). Pass the one the
@@ -173,12 +174,13 @@ def build_model(cfg: Config, *, vocab_size: int, pre_process: bool = True, post_
     return build_gpt(cfg.model, cfg.parallel, vocab_size=vocab_size, seq_len=cfg.train.seq_len,
                      seed=cfg.train.seed, device=model_device(cfg),
                      config=config if config is not None else transformer_config(cfg),
-                     pre_process=pre_process, post_process=post_process, vp_stage=vp_stage)
+                     pre_process=pre_process, post_process=post_process, vp_stage=vp_stage,
+                     weight_init=weight_init)
 
 
 def build_gpt(model_cfg: ModelConfig, parallel_cfg: ParallelConfig, *, vocab_size: int, seq_len: int, seed: int,
               device: torch.device | str, config: TransformerConfig, pre_process: bool = True,
-              post_process: bool = True, vp_stage: int | None = None) -> GPTModel:
+              post_process: bool = True, vp_stage: int | None = None, weight_init: str = "exact") -> GPTModel:
     """One model chunk: megatron ``GPTModel`` with the variant's layers, initialised, fp32, on ``device``.
 
     Args:
@@ -192,6 +194,10 @@ def build_gpt(model_cfg: ModelConfig, parallel_cfg: ParallelConfig, *, vocab_siz
         pre_process: this chunk holds the embedding (first pipeline stage).
         post_process: this chunk holds the final norm and output layer (last pipeline stage).
         vp_stage: virtual pipeline stage of this chunk (None without interleaving).
+        weight_init: ``exact`` -- the layout-invariant initialisation of :mod:`elas_megatron.models.init`
+            (training); ``fast`` -- weights drawn on the device by
+            :func:`~elas_megatron.models.init.initialize_weights_fast` (benchmarks, TP = 1 only); megatron's own
+            CPU initialisation is then switched off in ``config`` (``perform_initialization=False``).
     Returns:
         The ``GPTModel`` (not wrapped: bf16 and DDP wrapping are the trainer's).
     """
@@ -199,6 +205,13 @@ def build_gpt(model_cfg: ModelConfig, parallel_cfg: ParallelConfig, *, vocab_siz
     if vocab_size % p.tp != 0:
         raise ValueError(f"vocab_size={vocab_size} must be divisible by parallel.tp={p.tp}; pad it "
                          f"(model.vocab_size) to a multiple of {p.tp}")
+    if weight_init not in WEIGHT_INITS:
+        raise ValueError(f"weight_init={weight_init!r} is unknown; choose one of {', '.join(WEIGHT_INITS)}")
+    if weight_init == "fast" and p.tp != 1:
+        raise ValueError("weight_init='fast' needs parallel.tp=1: megatron sets the tensor-parallel attributes of "
+                         "its weights inside the initialisation it skips")
+    if weight_init == "fast":
+        config.perform_initialization = False  # megatron allocates the weights uninitialised; drawn below
     device = torch.device(device)
     layer_spec = get_layer_spec(m, get_variant(m.variant), sequence_parallel=p.sequence_parallel,
                                 attention_backend=resolve_attention_backend(m.attention_backend, device),
@@ -214,5 +227,8 @@ def build_gpt(model_cfg: ModelConfig, parallel_cfg: ParallelConfig, *, vocab_siz
             max_sequence_length=seq_len, pre_process=pre_process, post_process=post_process,
             parallel_output=True, share_embeddings_and_output_weights=False, position_embedding_type="rope",
             rotary_percent=1.0, rotary_base=int(m.rope_base), vp_stage=vp_stage)
-    initialize_weights(model, m, seed=seed)
+    if weight_init == "fast":
+        initialize_weights_fast(model, m, seed=seed, device=device)
+    else:
+        initialize_weights(model, m, seed=seed)
     return model.to(device)

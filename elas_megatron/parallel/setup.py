@@ -8,7 +8,7 @@ Timeouts: ``parallel.distributed_timeout_s`` bounds process-group initialisation
 torchrun each rank also holds a :class:`ProgressBoard` -- a client of the agent's key-value store, which lives
 outside the workers -- where it checks in before initialisation (so a timed-out initialisation names the ranks
 that never joined; torch only says which store keys it waited for) and where the training watchdog
-(:class:`elas_megatron.training.guards.Watchdog`) later posts its progress.
+(:class:`elas_megatron.training.watchdog.Watchdog`) later posts its progress.
 """
 from __future__ import annotations
 

@@ -168,19 +168,20 @@ class CheckpointManager:
         directory: ``checkpoint.dir``.
         keep_last: keep the newest K checkpoints (0 = all).
         global_rank: this process; rank 0 creates, publishes and prunes.
-        fault: test-only hook ``fault(phase, step)`` (:class:`elas_megatron.training.guards.TestFaults`), called
-            at ``begin``, ``scheduled`` (``async_save`` only: background writers started), ``written`` (all files
-            written, not yet published) and ``published`` (renamed into place, ``latest`` not yet updated).
+        on_phase: called as ``on_phase(phase, step)`` at ``begin``, ``scheduled`` (``async_save`` only:
+            background writers started), ``written`` (all files written, not yet published) and ``published``
+            (rank 0: renamed into place, ``latest`` not yet updated) -- the points where a crash leaves distinct
+            states on disk (the trainer passes them to its callbacks' ``on_checkpoint_phase``).
         async_save: write the files in background processes (``checkpoint.async_save``); :meth:`save` returns
             once they are scheduled, :meth:`poll` / :meth:`wait` publish the checkpoint when every rank is done.
     """
 
     def __init__(self, directory: str | Path, *, keep_last: int, global_rank: int,
-                 fault: Callable[[str, int], None] | None = None, async_save: bool = False) -> None:
+                 on_phase: Callable[[str, int], None] | None = None, async_save: bool = False) -> None:
         self.dir = Path(directory)
         self.keep_last = keep_last
         self.is_writer = global_rank == 0
-        self.fault = fault
+        self.on_phase = on_phase
         self.async_save = async_save
         self._calls = None  # megatron's AsyncCallsQueue, created by the first asynchronous save
         self._pending: _PendingSave | None = None
@@ -271,8 +272,8 @@ class CheckpointManager:
         tmp = self.dir / f".{final.name}.tmp"
         what = (f"checkpoint {final.name} could not be written to {self.dir}; the previous checkpoints are intact. "
                 "Free space / fix the directory (or set checkpoint.dir) and restart with --resume")
-        if self.fault is not None:
-            self.fault("begin", step)
+        if self.on_phase is not None:
+            self.on_phase("begin", step)
         error = None
         if self.is_writer:
             try:
@@ -315,8 +316,8 @@ class CheckpointManager:
                 shutil.rmtree(tmp, ignore_errors=True)
             raise
         self._pending = pending
-        if self.fault is not None:
-            self.fault("scheduled", step)
+        if self.on_phase is not None:
+            self.on_phase("scheduled", step)
         logger.info("checkpoint %s: writing in the background", final.name)
         return final
 
@@ -360,8 +361,8 @@ class CheckpointManager:
 
     def _finish(self, pending: _PendingSave, error: str | None) -> None:
         """Every rank has written (or failed): agree, then rank 0 publishes; collective."""
-        if error is None and self.fault is not None:
-            self.fault("written", pending.step)
+        if error is None and self.on_phase is not None:
+            self.on_phase("written", pending.step)
         try:
             _agree(error, pending.what)
             error = None
@@ -386,8 +387,8 @@ class CheckpointManager:
             shutil.rmtree(final)
         os.replace(tmp, final)
         _fsync(self.dir)
-        if self.fault is not None:
-            self.fault("published", int(meta["step"]))
+        if self.on_phase is not None:
+            self.on_phase("published", int(meta["step"]))
         pointer_tmp = self.dir / ".latest.tmp"
         pointer_tmp.write_text(final.name + "\n")
         _fsync(pointer_tmp)

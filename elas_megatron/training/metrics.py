@@ -1,5 +1,8 @@
 """Structured training logs: one JSON object per logged step in ``{run_dir}/metrics.jsonl`` plus a console line.
 
+The trainer drives :class:`MetricsLogger` as one of its callbacks (:mod:`elas_megatron.training.callbacks`): a
+record every ``log.every`` steps and at the last step, one per evaluation, one per resume.
+
 Keys are flat and stable because scripts and plots read them: ``step``, ``loss``, ``lr``, ``grad_norm``,
 ``tokens_per_s``, ``step_time_s``, ``tokens`` (consumed so far), and on CUDA ``mfu`` and ``mem_peak_gib``;
 evaluation records carry ``val_loss`` and ``val_ppl``. Only the logging rank writes.
@@ -16,6 +19,8 @@ import math
 from pathlib import Path
 
 import torch
+
+from elas_megatron.training.callbacks import Callback
 
 logger = logging.getLogger(__name__)
 
@@ -57,12 +62,18 @@ def peak_flops(device: torch.device) -> float | None:
     return None
 
 
-class MetricsLogger:
-    """Writes step, evaluation and resume records to ``{run_dir}/metrics.jsonl`` (logging rank only)."""
+class MetricsLogger(Callback):
+    """Writes step, evaluation and resume records to ``{run_dir}/metrics.jsonl`` (logging rank only).
+
+    As a callback it writes the step record of every ``every``-th step and of step ``last_step``
+    (:meth:`on_step_end`), evaluation (:meth:`on_evaluate`) and resume (:meth:`on_resume`) records.
+    """
 
     def __init__(self, run_dir: str | Path, *, enabled: bool, flops_per_token: float | None,
-                 device: torch.device, num_gpus: int) -> None:
+                 device: torch.device, num_gpus: int, every: int = 1, last_step: int | None = None) -> None:
         self.enabled = enabled
+        self.every = every
+        self.last_step = last_step
         self.flops_per_token = flops_per_token
         self.device = device
         peak = peak_flops(device)
@@ -71,6 +82,20 @@ class MetricsLogger:
         if enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
 
+    # callback interface ------------------------------------------------------------------------------------
+    def on_step_end(self, trainer, step: int, metrics: dict) -> None:
+        if step % self.every == 0 or step == self.last_step:
+            self.log_step(step=step, **metrics)
+        elif (metrics.get("extra") or {}).get("sparsity/act_density") is not None:
+            logger.info("step %d: sparsity/act_density %.4f", step, metrics["extra"]["sparsity/act_density"])
+
+    def on_evaluate(self, trainer, step: int, val_loss: float) -> None:
+        self.log_eval(step=step, val_loss=val_loss)
+
+    def on_resume(self, trainer, path: Path) -> None:
+        self.log_resume(step=trainer.step, checkpoint=Path(path).name)
+
+    # records ---------------------------------------------------------------------------------------------
     def _write(self, record: dict) -> None:
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")

@@ -6,12 +6,16 @@ either megatron-core's DDP + (distributed) optimizer or DeepSpeed ZeRO-1/2, behi
 (:mod:`elas_megatron.training.optimizers`); both plug into the schedule through its hooks (``finalize_model_grads_func``
 etc.). A single-process CPU run is simply the layout TP=PP=DP=1.
 
-Reliability (docs/reliability.md): every step passes :class:`~elas_megatron.training.guards.NumericGuard` before
+Reliability (docs/reliability.md): every step passes :class:`~elas_megatron.training.numerics.NumericGuard` before
 the optimizer runs (rank-agreed NaN/Inf and loss-spike detection, bounded skipping); multi-process training runs
-under a :class:`~elas_megatron.training.guards.Watchdog` that names stuck ranks; checkpoints are atomic and
+under a :class:`~elas_megatron.training.watchdog.Watchdog` that names stuck ranks; checkpoints are atomic and
 their failures collective (:mod:`elas_megatron.training.checkpoint`), optionally written in the background
 (``checkpoint.async_save``), and hold every rank's RNG states. ``train()`` decides to stop in one place,
 :meth:`Trainer.should_stop`.
+
+Hooks (:mod:`elas_megatron.training.callbacks`): ``Trainer(cfg, callbacks=[...])`` calls each callback at fixed
+points of the loop (model built, step begin/end, around the optimizer step, evaluation, checkpoint phases, save,
+resume); the metrics log is one of them.
 """
 from __future__ import annotations
 
@@ -28,12 +32,14 @@ from elas_megatron.config.loader import config_to_dict, dump_config
 from elas_megatron.config.schema import Config, validate
 from elas_megatron.data.loader import StepBatches
 from elas_megatron.parallel.setup import ParallelInfo, initialize_parallel
+from elas_megatron.training.callbacks import Callback, CallbackList
 from elas_megatron.training.checkpoint import (RNG_KEY, CheckpointError, CheckpointManager, get_rng_state,
                                                 rng_sharded_object, set_rng_state)
-from elas_megatron.training.guards import NumericGuard, Progress, TestFaults, Watchdog, check_density
 from elas_megatron.training.metrics import MetricsLogger
+from elas_megatron.training.numerics import NumericGuard
 from elas_megatron.training.optimizers import backend_class, build_optimizer_backend, build_scheduler
 from elas_megatron.training.signals import StopSignal
+from elas_megatron.training.watchdog import Progress, Watchdog
 from elas_megatron.variants.registry import get_variant
 
 logger = logging.getLogger(__name__)
@@ -55,9 +61,14 @@ class Trainer:
         datasets: ``(train, valid)`` sample sequences to use instead of building them from ``cfg.data`` (tests,
             benchmarks); each item is a dict with ``tokens``, ``labels``, ``loss_mask`` and ``position_ids`` of
             length ``train.seq_len``. ``model.vocab_size`` must then be set (no tokenizer is read).
+        callbacks: :class:`~elas_megatron.training.callbacks.Callback` s called at the loop's hook points, in
+            order, before the trainer's own metrics log (``self.metrics``).
+        weight_init: ``exact`` (training: layout-invariant) or ``fast`` (benchmarks: drawn on the device, TP = 1);
+            see :func:`elas_megatron.models.gpt.build_model`.
     """
 
-    def __init__(self, cfg: Config, *, resume: bool = False, datasets: tuple | None = None) -> None:
+    def __init__(self, cfg: Config, *, resume: bool = False, datasets: tuple | None = None,
+                 callbacks: tuple[Callback, ...] | list[Callback] = (), weight_init: str = "exact") -> None:
         from elas_megatron.models.flops import flops_per_token
         from elas_megatron.sparsity.schedule import SparsitySchedule
 
@@ -65,6 +76,7 @@ class Trainer:
         self.info: ParallelInfo = initialize_parallel(cfg.parallel, seed=cfg.train.seed, device=cfg.train.device)
         validate(cfg, self.info.world_size)
         self.cfg = cfg
+        self.weight_init = weight_init
         self.device = self.info.device
         self.bf16 = resolve_bf16(cfg, self.device)
         self.vocab_size = self._resolve_vocab_size(datasets is not None)
@@ -72,11 +84,15 @@ class Trainer:
         if self.info.global_rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             dump_config(cfg, self.run_dir / "config.yaml")
-        # TEST-ONLY fault injection ($ELAS_TEST_FAULTS); None in every real run, so each hook is one `is not None`.
-        self.faults = TestFaults.from_env(self.info.global_rank)
+        t = cfg.train
+        self.metrics = MetricsLogger(self.run_dir, enabled=self.info.is_logging_rank,
+                                     flops_per_token=flops_per_token(cfg.model, self.vocab_size, t.seq_len),
+                                     device=self.device, num_gpus=self.info.world_size, every=cfg.log.every,
+                                     last_step=t.steps)
+        self.callbacks = CallbackList([*callbacks, self.metrics])
         self.ckpt = CheckpointManager(cfg.checkpoint.dir or self.run_dir / "checkpoints",
                                       keep_last=cfg.checkpoint.keep_last, global_rank=self.info.global_rank,
-                                      fault=self.faults.in_save if self.faults is not None else None,
+                                      on_phase=self._checkpoint_phase,
                                       async_save=cfg.checkpoint.async_save)
         if cfg.checkpoint.every or cfg.checkpoint.save_final:
             self.ckpt.check_writable()  # before the data and the model: a bad directory costs seconds, not a run
@@ -87,7 +103,6 @@ class Trainer:
         self.scheduler = build_scheduler(cfg, self.optimizer)
         self.backend.configure_schedule(self.tconfig)
 
-        t = cfg.train
         train_ds, valid_ds = datasets if datasets is not None else self._build_datasets()
         batch_args = dict(micro_batch=t.micro_batch, dp_rank=self.info.dp_rank, dp_size=self.info.dp_size,
                           device=self.device)
@@ -96,18 +111,14 @@ class Trainer:
         self.variant = get_variant(cfg.model.variant)
         self.sparsity = SparsitySchedule(self.variant.dense_warmup_steps(cfg.model))
 
-        if self.faults is not None:  # before the guard's hooks, so that they see the poisoned values
-            self.faults.install(self._unwrapped(), lambda: self.step + 1)
+        self.step = 0
+        self.callbacks.on_model_built(self)  # before the guard's hooks: the guard checks what callbacks' hooks do
         self.guard = NumericGuard(self._unwrapped(), max_skipped_steps=t.max_skipped_steps,
                                   loss_spike_factor=t.loss_spike_factor, device=self.device,
                                   grads_in_hooks=cfg.parallel.optimizer == "deepspeed" and cfg.parallel.zero_stage >= 2)
         self.guard.wrap_finalize(self.tconfig)
         self.progress = Progress()
         self.density: float | None = None  # measured in the last step (train.density_check_every)
-        self.metrics = MetricsLogger(self.run_dir, enabled=self.info.is_logging_rank,
-                                     flops_per_token=flops_per_token(cfg.model, self.vocab_size, t.seq_len),
-                                     device=self.device, num_gpus=self.info.world_size)
-        self.step = 0
         self.stopped_by: str | None = None  # the signal that ended train() early (preemption), if any
         self._microbatch: int | None = None  # index of the next training micro-batch within a step
         self._num_microbatches = 0
@@ -163,7 +174,7 @@ class Trainer:
             pre = parallel_state.is_pipeline_first_stage(ignore_virtual=vpp is None, vp_stage=stage)
             post = parallel_state.is_pipeline_last_stage(ignore_virtual=vpp is None, vp_stage=stage)
             chunk = build_model(self.cfg, vocab_size=self.vocab_size, pre_process=pre, post_process=post,
-                                vp_stage=stage, config=self.tconfig).to(self.device)
+                                vp_stage=stage, config=self.tconfig, weight_init=self.weight_init).to(self.device)
             if self.bf16:
                 chunk = Float16Module(self.tconfig, chunk)
             chunk = backend_class(self.cfg).wrap_chunk(self.cfg, self.tconfig, chunk, vp_stage=vp_stage)
@@ -224,12 +235,17 @@ class Trainer:
 
         A step the :class:`NumericGuard` rejects (NaN/Inf, loss spike) leaves weights, optimizer and LR schedule
         untouched and returns a None grad norm; its batch is dropped (the step counter still advances).
+        Calls the callbacks' ``on_step_begin`` / ``on_step_end`` (with the step's metrics) and, around the
+        optimizer step, ``on_before_optimizer_step`` / ``on_after_optimizer_step``.
         """
+        from elas_megatron.sparsity.density import check_density
         from elas_megatron.sparsity.schedule import elas_mlps, set_density_tracking
 
+        self._sync()
+        start = time.perf_counter()
+        lr = self.optimizer.param_groups[0]["lr"]
         self.progress.update(self.step + 1, "step start")
-        if self.faults is not None:
-            self.faults.at_step_start(self.step + 1)
+        self.callbacks.on_step_begin(self, self.step + 1)
         self.sparsity.apply(self.model, self.step)
         measure_density = self._density_step()
         if measure_density:
@@ -248,7 +264,9 @@ class Trainer:
         grad_norm = None
         if problem is None:
             self.progress.update(self.step + 1, "optimizer step")
+            self.callbacks.on_before_optimizer_step(self)
             success, grad_norm = self.backend.step()
+            self.callbacks.on_after_optimizer_step(self)
             if success:
                 self.scheduler.step(increment=1)
         else:
@@ -258,7 +276,24 @@ class Trainer:
             self.density = check_density(elas_mlps(self.model), self.step + 1, self.cfg.train.density_warn)
             set_density_tracking(self.model, False)
         self.step += 1
+        self._sync()
+        elapsed = time.perf_counter() - start
+        self.callbacks.on_step_end(self, self.step, self._step_metrics(loss, lr, grad_norm, elapsed))
         return loss, grad_norm
+
+    def _step_metrics(self, loss: float, lr: float, grad_norm: float | None, elapsed: float) -> dict:
+        """The ``metrics`` of ``on_step_end`` for the step just done (see :class:`Callback`)."""
+        t = self.cfg.train
+        tokens_per_step = t.global_batch * t.seq_len
+        extra = {}
+        if self.variant.sparsity:
+            extra["sparse24"] = self.sparsity.is_sparse(self.step - 1)
+            if self.density is not None:
+                extra["sparsity/act_density"] = self.density
+        if self.guard.skipped_steps:
+            extra["skipped_steps"] = self.guard.skipped_steps
+        return {"loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_step": tokens_per_step,
+                "step_time_s": elapsed, "tokens": self.step * tokens_per_step, "extra": extra}
 
     def _density_step(self) -> bool:
         every = self.cfg.train.density_check_every
@@ -278,7 +313,7 @@ class Trainer:
             for chunk in self.model:
                 chunk.train()
         self.last_val_loss = loss
-        self.metrics.log_eval(step=self.step, val_loss=loss)
+        self.callbacks.on_evaluate(self, self.step, loss)
         return loss
 
     def _sync(self) -> None:
@@ -314,29 +349,10 @@ class Trainer:
         return val
 
     def _train_and_log(self) -> None:
-        """One step, its log record, and the evaluation / checkpoint it is due for."""
+        """One step (its log record is written by the metrics callback) and the evaluation / checkpoint it is
+        due for."""
         t, c = self.cfg.train, self.cfg.checkpoint
-        tokens_per_step = t.global_batch * t.seq_len
-        self._sync()
-        start = time.perf_counter()
-        lr = self.optimizer.param_groups[0]["lr"]
-        loss, grad_norm = self.train_step()
-        self._sync()
-        elapsed = time.perf_counter() - start
-        log_now = self.step % self.cfg.log.every == 0 or self.step == t.steps
-        if self.density is not None and not log_now:
-            logger.info("step %d: sparsity/act_density %.4f", self.step, self.density)
-        if log_now:
-            extra = None
-            if self.variant.sparsity:
-                extra = {"sparse24": self.sparsity.is_sparse(self.step - 1)}
-                if self.density is not None:
-                    extra["sparsity/act_density"] = self.density
-            if self.guard.skipped_steps:
-                extra = dict(extra or {}, skipped_steps=self.guard.skipped_steps)
-            self.metrics.log_step(step=self.step, loss=loss, lr=lr,
-                                  grad_norm=grad_norm, tokens_per_step=tokens_per_step, step_time_s=elapsed,
-                                  tokens=self.step * tokens_per_step, extra=extra)
+        self.train_step()
         if t.eval_every and self.step % t.eval_every == 0 and self.step < t.steps:
             self.evaluate()
         if c.every and self.step % c.every == 0 and self.step < t.steps:
@@ -386,7 +402,11 @@ class Trainer:
         self.progress.update(self.step, "checkpoint save", watched=False)  # large saves may take long
         path = self.ckpt.save(self.step, self._sharded_state_dict(), meta, write_local=self.backend.save_optimizer)
         self.progress.update(self.step, "after checkpoint save")
+        self.callbacks.on_save_end(self, path)
         return path
+
+    def _checkpoint_phase(self, phase: str, step: int) -> None:
+        self.callbacks.on_checkpoint_phase(phase, step)
 
     def wait_for_checkpoint(self) -> None:
         """Block until a pending asynchronous save (``checkpoint.async_save``) is published; collective."""
@@ -452,5 +472,5 @@ class Trainer:
             logger.info("--resume: no checkpoint in %s yet, starting from step 0", self.ckpt.dir)
             return False
         self.load(path)
-        self.metrics.log_resume(step=self.step, checkpoint=path.name)
+        self.callbacks.on_resume(self, path)
         return True

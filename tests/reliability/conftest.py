@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import pytest
-from reliability_runs import FAULTS_ENV, RandomTokens
+from faults import FaultInjector
+from reliability_runs import RandomTokens
 
 SEQ_LEN, VOCAB = 16, 128
 SMALL = ["model.hidden_size=32", "model.num_layers=2", "model.num_heads=4", "model.ffn_hidden_size=64", "model.rank=8",
@@ -12,20 +13,17 @@ SMALL = ["model.hidden_size=32", "model.num_layers=2", "model.num_heads=4", "mod
 
 
 @pytest.fixture
-def make_trainer(tmp_path, monkeypatch):
+def make_trainer(tmp_path):
     """``make_trainer(*overrides, faults=None, resume=False) -> Trainer`` in a world of one; torn down after."""
     from elas_megatron.config.loader import load_config
     from elas_megatron.parallel.setup import destroy_parallel
     from elas_megatron.training.trainer import Trainer
 
     def make(*overrides: str, faults: str | None = None, resume: bool = False):
-        if faults:
-            monkeypatch.setenv(FAULTS_ENV, faults)
-        else:
-            monkeypatch.delenv(FAULTS_ENV, raising=False)
+        callbacks = [FaultInjector.parse(faults)] if faults else []
         cfg = load_config(None, SMALL + [f"train.run_dir={tmp_path / 'run'}", *overrides], world_size=1)
         ds = RandomTokens(4096, SEQ_LEN, VOCAB)
-        return Trainer(cfg, resume=resume, datasets=(ds, ds))
+        return Trainer(cfg, resume=resume, datasets=(ds, ds), callbacks=callbacks)
 
     yield make
     destroy_parallel()

@@ -2,13 +2,18 @@
 
 The config has no dropout key (LLaMA-style pretraining uses none), so the RNG-resume tests switch it on here, in
 megatron's ``TransformerConfig``: :func:`enable_dropout` for in-process trainers, or run this file with elas-train's
-arguments (``reliability_runs.launch(..., script=DROPOUT_TRAIN)``, also under torchrun). Run as a script it also
-re-seeds torch's CPU generator per rank once the model is built, so that the ranks draw different dropout masks
-and a rank resumed with another rank's RNG states would be caught.
+arguments (``reliability_runs.launch(..., script=DROPOUT_TRAIN)``, also under torchrun, with faults as
+``fault_train.py``). Run as a script it also re-seeds torch's CPU generator per rank once the model is built
+(:class:`SeedPerRank`), so that the ranks draw different dropout masks and a rank resumed with another rank's RNG
+states would be caught.
 """
 from __future__ import annotations
 
 import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from elas_megatron.training.callbacks import Callback  # noqa: E402
 
 DROPOUT = 0.1
 
@@ -31,26 +36,18 @@ def enable_dropout(monkeypatch=None) -> None:
         gpt.transformer_config = with_dropout
 
 
-def seed_per_rank() -> None:
-    """After ``Trainer._build_model`` (the weights stay the same on every rank), seed torch's generator with
+class SeedPerRank(Callback):
+    """Once the model is built (the weights are the same on every rank), seed torch's generator with
     ``train.seed + 1 + global rank``; a resume then restores the checkpoint's per-rank states over it."""
-    import torch
 
-    from elas_megatron.training.trainer import Trainer
+    def on_model_built(self, trainer) -> None:
+        import torch
 
-    build = Trainer._build_model
-
-    def build_then_seed(self):
-        chunks = build(self)
-        torch.manual_seed(self.cfg.train.seed + 1 + self.info.global_rank)
-        return chunks
-
-    Trainer._build_model = build_then_seed
+        torch.manual_seed(trainer.cfg.train.seed + 1 + trainer.info.global_rank)
 
 
 if __name__ == "__main__":  # dist_checkpointing may spawn processes: keep the guard
     enable_dropout()
-    seed_per_rank()
-    from elas_megatron.cli.train import main
+    from fault_train import main
 
-    sys.exit(main())
+    sys.exit(main(callbacks=[SeedPerRank()]))

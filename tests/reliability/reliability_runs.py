@@ -1,6 +1,7 @@
 """Helpers of the reliability tests: launch elas-train (1 process, or 2 under torchrun) on the shipped demo corpus
-with tiny shapes and test faults, per-step losses from metrics.jsonl (read as docs/reliability.md defines, by
-:func:`elas_megatron.training.metrics.read_metrics`), and a tiny in-memory dataset for in-process trainers."""
+with tiny shapes and injected faults (``fault_train.py``), per-step losses from metrics.jsonl (read as
+docs/reliability.md defines, by :func:`elas_megatron.training.metrics.read_metrics`), and a tiny in-memory dataset
+for in-process trainers."""
 from __future__ import annotations
 
 import os
@@ -21,6 +22,8 @@ TINY = ["model.hidden_size=64", "model.num_layers=2", "model.num_heads=4", "mode
 DATA = [f"data.tokenizer={REPO / 'data/demo/tokenizer.model'}",
         f"data.train_prefixes=[{REPO / 'data/demo/tokens/demo_text_document'}]"]
 FAULTS_ENV = "ELAS_TEST_FAULTS"
+FAULT_TRAIN = Path(__file__).with_name("fault_train.py")
+"""elas-train with the faults of ``$FAULTS_ENV`` injected."""
 
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
@@ -31,12 +34,15 @@ def launch(run_dir: Path, *overrides: str, nproc: int = 2, faults: str | None = 
            timeout_s: int = 240, script: Path | None = None) -> subprocess.CompletedProcess:
     """Run ``elas-train configs/demo.yaml`` (under torchrun when ``nproc > 1``) and wait for it.
 
+    ``faults``: injected by :class:`faults.FaultInjector` (``fault_train.py`` runs instead of elas-train).
     ``script``: a file to run instead of ``-m elas_megatron.cli.train`` that takes the same arguments (e.g.
-    ``dropout_train.py``). Whatever of the job is left afterwards -- a killed rank leaves dist_checkpointing's helper
-    processes behind, in the rank's own session -- is found by a marker in its environment and killed by pid (only
-    processes this call started).
+    ``dropout_train.py``; it then installs the faults itself). Whatever of the job is left afterwards -- a killed
+    rank leaves dist_checkpointing's helper processes behind, in the rank's own session -- is found by a marker in
+    its environment and killed by pid (only processes this call started).
     """
     cmd = TORCHRUN + ["--nproc-per-node", str(nproc)] if nproc > 1 else [sys.executable, "-u"]
+    if script is None and faults:
+        script = FAULT_TRAIN
     cmd += ["-m", "elas_megatron.cli.train"] if script is None else [str(script)]
     cmd += [str(REPO / "configs/demo.yaml"), *TINY, *DATA, f"train.run_dir={run_dir}",
             f"data.cache_dir={run_dir.parent / 'data_cache'}", *overrides]

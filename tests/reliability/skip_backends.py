@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from reliability_runs import FAULTS_ENV, RandomTokens
+from faults import FaultInjector
+from reliability_runs import RandomTokens
 
 BACKENDS = {"megatron": [], "megatron-distopt": ["parallel.zero_stage=1"],
             "deepspeed-z1": ["parallel.optimizer=deepspeed", "parallel.zero_stage=1"],
@@ -32,13 +32,13 @@ def main() -> int:
     from elas_megatron.training.trainer import Trainer
 
     logging.basicConfig(level=logging.ERROR)
-    os.environ[FAULTS_ENV] = "nan_grad@3:rank=1:decoder.layers.1.mlp"
     out = Path(sys.argv[1])
     data = RandomTokens(4096, 16, 128)
     results = {}
     for name, overrides in BACKENDS.items():
         cfg = load_config(None, BASE + overrides + [f"train.run_dir={out.parent / name}"], world_size=2)
-        trainer = Trainer(cfg, datasets=(data, data))
+        trainer = Trainer(cfg, datasets=(data, data),
+                          callbacks=[FaultInjector.parse("nan_grad@3:rank=1:decoder.layers.1.mlp")])
         results[name] = [trainer.train_step()[0] for _ in range(cfg.train.steps)]
         assert trainer.guard.skipped_steps == 1, (name, trainer.guard.skipped_steps)
         trainer.backend.close()

@@ -1,6 +1,7 @@
 """Numerical guards: NaN/Inf in a gradient or an activation is detected by every rank together; the step is skipped
 (weights, optimizer, LR schedule untouched) within train.max_skipped_steps, else the run stops naming the step,
-rank and layer; the loss-spike guard; the ELAS activation-density check."""
+rank and layer; the ELAS activation density in training (the guard's and the check's own rules:
+tests/unit/training/test_numerics.py, tests/unit/sparsity/test_density.py)."""
 from __future__ import annotations
 
 import importlib.util
@@ -12,8 +13,8 @@ import pytest
 import torch
 from reliability_runs import TORCHRUN, launch, run
 
-from elas_megatron.training.guards import NumericalError, NumericGuard, check_density
 from elas_megatron.training.metrics import read_metrics
+from elas_megatron.training.numerics import NumericalError
 
 
 def _weights(trainer) -> list[torch.Tensor]:
@@ -31,7 +32,7 @@ def test_a_skipped_step_changes_nothing_and_training_goes_on(make_trainer, caplo
     for _ in range(2):
         trainer.train_step()
     weights, adam, lr_steps = _weights(trainer), _adam_state(trainer), trainer.scheduler.num_steps
-    with caplog.at_level(logging.WARNING, logger="elas_megatron.training.guards"):
+    with caplog.at_level(logging.WARNING, logger="elas_megatron.training.numerics"):
         loss, grad_norm = trainer.train_step()
     assert grad_norm is None and trainer.step == 3 and trainer.guard.skipped_steps == 1
     assert "non-finite values at step 3" in caplog.text and "decoder.layers.1.mlp.linear_fc1.A" in caplog.text
@@ -52,15 +53,15 @@ def test_without_budget_the_run_stops_naming_step_rank_and_layer(make_trainer):
         trainer.train_step()
 
 
-def test_elas_train_prints_one_line_and_exits_3(tmp_path, monkeypatch, capsys):
-    from reliability_runs import DATA, FAULTS_ENV, REPO, TINY
+def test_elas_train_prints_one_line_and_exits_3(tmp_path, capsys):
+    from faults import FaultInjector
+    from reliability_runs import DATA, REPO, TINY
 
     from elas_megatron.cli.train import EXIT_NUMERICAL, main
 
-    monkeypatch.setenv(FAULTS_ENV, "nan_grad@2:output_layer")
     argv = [str(REPO / "configs/demo.yaml"), *TINY, *DATA, "train.steps=3", f"train.run_dir={tmp_path / 'run'}",
             "checkpoint.save_final=false"]
-    assert main(argv) == EXIT_NUMERICAL == 3
+    assert main(argv, callbacks=[FaultInjector.parse("nan_grad@2:output_layer")]) == EXIT_NUMERICAL == 3
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("elas-train:")]
     assert len(err) == 1 and err[0].startswith("elas-train: numerical error: non-finite values at step 2 (loss "), err
 
@@ -75,52 +76,6 @@ def test_the_skip_budget_survives_a_resume(make_trainer):
     resumed.train_step()
     with pytest.raises(NumericalError, match="2 bad step"):
         resumed.train_step()
-
-
-def test_layers_are_named_by_their_index_in_the_model_not_on_the_pipeline_stage():
-    class Layer(torch.nn.Module):
-        def __init__(self, layer_number):
-            super().__init__()
-            self.layer_number, self.mlp = layer_number, torch.nn.Linear(2, 2)
-
-    chunk = torch.nn.Module()  # a second pipeline stage: its local layers 0, 1 are the model's layers 2, 3
-    chunk.decoder = torch.nn.Module()
-    chunk.decoder.layers = torch.nn.ModuleList([Layer(3), Layer(4)])
-    guard = NumericGuard([chunk], max_skipped_steps=0, loss_spike_factor=0, device=torch.device("cpu"))
-    assert guard.module_names == ["decoder.layers.2.mlp", "decoder.layers.2", "decoder.layers.3.mlp",
-                                  "decoder.layers.3"]
-    assert [n for n, _ in guard.params][:2] == ["decoder.layers.2.mlp.weight", "decoder.layers.2.mlp.bias"]
-
-
-def test_loss_spike_guard():
-    layer = torch.nn.Linear(2, 2)
-    guard = NumericGuard([layer], max_skipped_steps=5, loss_spike_factor=2.0, device=torch.device("cpu"))
-    guard.begin_step()
-    for _ in range(10):
-        assert guard.check(1, 3.0) is None
-    assert guard.check(11, 5.9) is None
-    assert "loss spike at step 12: 7.0000 > train.loss_spike_factor=2 x running mean" in guard.check(12, 7.0)
-    off = NumericGuard([layer], max_skipped_steps=5, loss_spike_factor=0.0, device=torch.device("cpu"))
-    for step in range(11):
-        off.check(step, 3.0)
-    assert off.check(12, 1e6) is None
-    assert "loss nan" in guard.check(13, float("nan"))  # a non-finite loss is caught even without hooks
-
-
-class _Mlp:
-    def __init__(self, density, sparse=True):
-        self.last_density, self.is_sparse = density, sparse
-
-
-def test_density_check(caplog):
-    with caplog.at_level(logging.WARNING, logger="elas_megatron.training.guards"):
-        assert check_density([_Mlp(0.40), _Mlp(0.42)], 7, 0.2) == pytest.approx(0.41)
-        assert not caplog.records
-        assert check_density([_Mlp(0.6)], 8, 0.2) == pytest.approx(0.6)
-        assert "density 0.6000 > 0.5: the ELAS FFN is not 2:4 sparse" in caplog.text
-        check_density([_Mlp(0.1)], 9, 0.2)
-        assert "dropped to 0.1000 < train.density_warn=0.2" in caplog.text
-    assert check_density([_Mlp(0.9, sparse=False)], 10, 0.2) is None  # dense modules (warm-up, ablation) not checked
 
 
 def test_density_is_measured_and_logged_in_training(make_trainer):
@@ -140,31 +95,17 @@ def test_two_ranks_agree_skip_then_stop(tmp_path):
                     faults="nan_grad@3:rank=1:decoder.layers.1.mlp,nan_act@5:rank=0:decoder.layers.0.self_attention")
     assert result.returncode != 0 and "exitcode  : 3" in result.stderr, result.stderr[-3000:]
     for rank in (0, 1):
-        assert f"[rank{rank}] WARNING elas_megatron.training.guards: non-finite values at step 3 " in result.stderr
+        assert f"[rank{rank}] WARNING elas_megatron.training.numerics: non-finite values at step 3 " in result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("elas-train:")]
     assert errors and all(line.startswith("elas-train: numerical error: non-finite values at step 5 (loss nan): "
                                           "rank 0: first non-finite activation: output of "
                                           "decoder.layers.0.self_attention") for line in errors), errors
-    assert "guards.NumericalError" not in result.stderr, result.stderr[-3000:]  # a line, not a traceback
+    assert "NumericalError" not in result.stderr, result.stderr[-3000:]  # a line, not a traceback
     assert "rank 1: non-finite gradient in 1 of" in result.stderr
     steps = {r["step"]: r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "loss" in r}
     assert sorted(steps) == [1, 2, 3, 4]
     assert steps[3]["grad_norm"] is None and steps[3]["skipped_steps"] == 1
     assert steps[4]["lr"] == steps[3]["lr"] and steps[4]["grad_norm"] is not None  # the schedule did not advance
-
-
-def test_hook_mode_sees_gradients_that_are_gone_by_the_check():
-    """DeepSpeed ZeRO-2 reduces and frees gradients during backward: the guard must catch them as they appear."""
-    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 1))
-    model[0].weight.register_hook(lambda g: g * float("nan"))  # autograd produces a NaN gradient
-    guard = NumericGuard([model], max_skipped_steps=0, loss_spike_factor=0, device=torch.device("cpu"),
-                         grads_in_hooks=True)
-    guard.begin_step()
-    model(torch.ones(2, 4)).sum().backward()
-    for p in model.parameters():
-        p.grad = None  # reduced into a partition and freed
-    guard.record_grads()  # a no-op in hook mode
-    assert "non-finite gradient in 1 of 4 parameters, nearest the output: 0.weight" in guard.check(1, 1.0)
 
 
 @pytest.mark.distributed

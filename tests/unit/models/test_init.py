@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 from conftest import VOCAB, tiny_config
 from megatron.core.tensor_parallel.layers import _initialize_affine_weight_cpu
@@ -73,3 +74,23 @@ def test_tp_slicing_matches_megatrons_strided_split():
         shape, slicer = _full_shape_and_slicer(local, 2, rank)
         assert shape == (16, 6)
         torch.testing.assert_close(slicer(full), expect, rtol=0, atol=0)
+
+
+def test_fast_init_draws_the_weights_on_the_device_without_megatrons_initialisation(world):
+    from elas_megatron.models.gpt import transformer_config
+
+    cfg = tiny_config("cola", hidden_size=64, num_heads=4, num_kv_heads=4, ffn_hidden_size=128, rank=16,
+                      num_layers=2)
+    tconfig = transformer_config(cfg)
+    model = build_model(cfg, vocab_size=VOCAB, config=tconfig, weight_init="fast")
+    assert tconfig.perform_initialization is False
+    for name, p in model.named_parameters():
+        assert torch.isfinite(p).all(), name
+        if p.dim() == 1:
+            assert torch.all(p == 1), name
+        else:
+            assert 0 < p.std() < 1, name
+    exact = dict(build_model(cfg, vocab_size=VOCAB).named_parameters())
+    assert not torch.equal(exact["output_layer.weight"], dict(model.named_parameters())["output_layer.weight"])
+    with pytest.raises(ValueError, match="weight_init='slow' is unknown"):
+        build_model(cfg, vocab_size=VOCAB, weight_init="slow")

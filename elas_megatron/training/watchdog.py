@@ -1,0 +1,153 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The hang watchdog: a rank that stops making progress is named by every rank, and the job ends.
+
+Every rank records where it is (:class:`Progress`: step, phase); a thread (:class:`Watchdog`) publishes it with the
+main thread's current Python location to the torchrun agent's store
+(:class:`~elas_megatron.parallel.setup.ProgressBoard`). When a rank makes no progress for
+``parallel.distributed_timeout_s``, its watchdog names the stuck rank(s) (:func:`diagnose_hang`) -- those not
+waiting in a ``torch.distributed`` call, or not reporting at all -- and ends the process (exit code
+:data:`EXIT_HANG`).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import threading
+import time
+from collections.abc import Callable
+from typing import Self
+
+__all__ = ["EXIT_HANG", "Progress", "Watchdog", "diagnose_hang"]
+
+logger = logging.getLogger(__name__)
+
+EXIT_HANG = 124
+"""Exit code of a process ended by the watchdog (as ``timeout(1)``)."""
+
+
+class Progress:
+    """Where this rank is: (step, phase) and when it got there. Updating it is two attribute writes."""
+
+    def __init__(self) -> None:
+        self.step = 0
+        self.phase = "start"
+        self.since = time.monotonic()
+        self.watched = True
+
+    def update(self, step: int, phase: str, watched: bool = True) -> None:
+        """``watched=False`` for phases the watchdog must not time (checkpoint writes may take long)."""
+        self.step, self.phase, self.watched, self.since = step, phase, watched, time.monotonic()
+
+
+def _main_thread_location() -> tuple[bool, str]:
+    """(is the main thread inside a torch.distributed call?, its innermost Python frames as text)."""
+    frame = sys._current_frames().get(threading.main_thread().ident)
+    frames = []
+    while frame is not None and len(frames) < 40:
+        frames.append(frame)
+        frame = frame.f_back
+    in_collective = any(f"torch{os.sep}distributed" in f.f_code.co_filename for f in frames)
+    ours = next((f for f in frames if f"elas_megatron{os.sep}" in f.f_code.co_filename), None)
+    text = []
+    for f in frames[:1] + ([ours] if ours is not None and ours is not frames[0] else []):
+        path = os.sep.join(f.f_code.co_filename.split(os.sep)[-2:])
+        text.append(f"{f.f_code.co_name} ({path}:{f.f_lineno})")
+    return in_collective, " <- ".join(text) or "?"
+
+
+def diagnose_hang(reports: dict[int, dict | None], me: int, now: float, stale_s: float) -> str:
+    """Name the stuck rank(s) from every rank's last report (see :class:`Watchdog`).
+
+    Stuck: ranks with no recent report (dead, or frozen so hard their watchdog thread cannot run); else the ranks
+    not waiting inside a torch.distributed call while others are; else (everyone waits: mismatched collectives or
+    an asynchronous backend) the ranks idle the longest.
+    """
+    def describe(rank: int) -> str:
+        rep = reports.get(rank)
+        if rep is None:
+            return f"rank {rank}: no report at all (never started the training loop, or died)"
+        age = now - rep["wall"]
+        state = "waiting in torch.distributed" if rep["in_collective"] else "not in a collective"
+        return (f"rank {rank}: step {rep['step']} '{rep['phase']}', idle {rep['idle_s'] + age:.0f} s, {state}: "
+                f"{rep['where']}" + (f" (last report {age:.0f} s ago)" if age > stale_s else ""))
+
+    silent = [r for r, rep in reports.items() if rep is None or now - rep["wall"] > stale_s]
+    stuck = silent or [r for r, rep in reports.items() if not rep["in_collective"]]
+    if not stuck:
+        idle = {r: rep["idle_s"] + now - rep["wall"] for r, rep in reports.items()}
+        longest = max(idle.values())
+        stuck = [r for r, t in idle.items() if t >= longest - 1.0]
+    lines = [describe(r) for r in sorted(stuck)[:8]]
+    more = f" (+{len(stuck) - 8} more)" if len(stuck) > 8 else ""
+    mine = "" if me in stuck else f" | this rank: {describe(me)}"
+    return f"stuck rank(s) {sorted(stuck)[:8]}{more} -- " + "; ".join(lines) + mine
+
+
+def _exit_process(message: str) -> None:
+    sys.stderr.write(f"elas-train: error: {message}\n")
+    sys.stderr.flush()
+    logging.shutdown()
+    os._exit(EXIT_HANG)
+
+
+class Watchdog:
+    """A daemon thread that reports this rank's :class:`Progress` and ends the process when it stops moving.
+
+    Args:
+        progress: updated by the training loop.
+        timeout_s: ``parallel.distributed_timeout_s``: no progress for this long is a hang.
+        board: the shared :class:`~elas_megatron.parallel.setup.ProgressBoard` (None: a one-rank diagnosis).
+        global_rank: this process.
+        on_hang: called with the message (default: print it and exit with :data:`EXIT_HANG`).
+    """
+
+    def __init__(self, progress: Progress, *, timeout_s: float, board, global_rank: int,
+                 on_hang: Callable[[str], None] = _exit_process) -> None:
+        self.progress = progress
+        self.timeout_s = timeout_s
+        self.board = board
+        self.global_rank = global_rank
+        self.on_hang = on_hang
+        self.poll_s = max(0.2, min(5.0, timeout_s / 10))
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="elas-watchdog", daemon=True)
+
+    def __enter__(self) -> Self:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def _report(self) -> dict:
+        p = self.progress
+        in_collective, where = _main_thread_location()
+        return {"step": p.step, "phase": p.phase, "idle_s": time.monotonic() - p.since, "wall": time.time(),
+                "in_collective": in_collective, "where": where}
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.poll_s):
+            report = self._report()
+            try:
+                if self.board is not None:
+                    self.board.post(json.dumps(report))
+            except (RuntimeError, OSError) as exc:  # the store went away (job teardown): keep timing locally
+                logger.debug("watchdog: cannot post progress: %s", exc)
+            if self.progress.watched and report["idle_s"] > self.timeout_s:
+                self.on_hang(self.describe_hang(report))
+                return
+
+    def describe_hang(self, report: dict) -> str:
+        reports: dict[int, dict | None] = {self.global_rank: report}
+        if self.board is not None:
+            try:
+                reports = {r: (json.loads(v) if v else None) for r, v in self.board.read_all().items()}
+                reports[self.global_rank] = report
+            except (RuntimeError, OSError) as exc:
+                logger.debug("watchdog: cannot read the other ranks' progress: %s", exc)
+        diagnosis = diagnose_hang(reports, self.global_rank, time.time(), stale_s=3 * self.poll_s + 5)
+        return (f"no progress for {report['idle_s']:.0f} s (parallel.distributed_timeout_s={self.timeout_s:g}) on "
+                f"rank {self.global_rank}: {diagnosis}. Check the stuck rank's node and log; restart with --resume")

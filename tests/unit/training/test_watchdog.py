@@ -1,0 +1,55 @@
+"""The hang watchdog on its own: it fires on no progress (not before, not in unwatched phases), names the stuck
+rank(s) by the diagnosis rules, and leaves no thread behind."""
+from __future__ import annotations
+
+import threading
+import time
+
+from elas_megatron.training.watchdog import Progress, Watchdog, diagnose_hang
+
+
+def test_watchdog_fires_on_no_progress_and_not_before():
+    progress, fired = Progress(), []
+    with Watchdog(progress, timeout_s=1.0, board=None, global_rank=0, on_hang=fired.append):
+        for _ in range(6):  # progress every 0.3 s: never idle long enough
+            time.sleep(0.3)
+            progress.update(1, "forward")
+        assert not fired
+        progress.update(2, "checkpoint save", watched=False)  # unwatched phases may take long
+        time.sleep(1.5)
+        assert not fired
+        progress.update(2, "forward")
+        deadline = time.monotonic() + 5
+        while not fired and time.monotonic() < deadline:
+            time.sleep(0.1)
+    assert fired and "no progress for 1 s (parallel.distributed_timeout_s=1) on rank 0" in fired[0]
+    assert "rank 0: step 2 'forward'" in fired[0] and "test_watchdog_fires_on_no_progress" in fired[0]
+
+
+def _report(step, phase, idle_s, in_collective, wall=100.0):
+    return {"step": step, "phase": phase, "idle_s": idle_s, "wall": wall, "in_collective": in_collective,
+            "where": "somewhere (x/y.py:1)"}
+
+
+def test_diagnosis_rules():
+    now = 101.0
+    # the rank outside a collective is stuck, the waiting ones are not
+    reports = {0: _report(3, "forward", 30, True), 1: _report(3, "step start", 31, False),
+               2: _report(3, "forward", 30, True)}
+    assert diagnose_hang(reports, 0, now, stale_s=10).startswith("stuck rank(s) [1] -- rank 1: step 3 'step start'")
+    # a rank that never reported, or stopped reporting (dead, or its process frozen), comes first
+    reports[2] = None
+    reports[1] = _report(3, "forward", 5, False, wall=50.0)
+    text = diagnose_hang(reports, 0, now, stale_s=10)
+    assert text.startswith("stuck rank(s) [1, 2]") and "rank 2: no report at all" in text
+    assert "(last report 51 s ago)" in text
+    # everybody waits (mismatched collectives / an asynchronous backend): the longest idle
+    reports = {0: _report(3, "forward", 30, True), 1: _report(2, "optimizer step", 40, True)}
+    assert diagnose_hang(reports, 0, now, stale_s=10).startswith("stuck rank(s) [1]")
+
+
+def test_watchdog_thread_is_gone_after_training():
+    before = {t.name for t in threading.enumerate()}
+    with Watchdog(Progress(), timeout_s=60, board=None, global_rank=0, on_hang=lambda message: None):
+        assert "elas-watchdog" in {t.name for t in threading.enumerate()}
+    assert {t.name for t in threading.enumerate()} == before
