@@ -14,7 +14,8 @@ PHASES=${PHASES:-"tests 1b 1b_plain 1b_switches"}
 source benchmarks/gpu_env.sh
 install_wheels
 device_info "$RES/device.txt"
-git rev-parse HEAD > "$RES/commit.txt" 2>/dev/null || true
+# the device tool copies the working tree onto a checkout of an older commit: pass COMMIT=$(git rev-parse HEAD)
+echo "${COMMIT:-$(git rev-parse HEAD 2>/dev/null)}" > "$RES/commit.txt"
 
 BENCH="python3 -m elas_megatron.cli.bench"
 # the switches' plain twins: megatron's multi-tensor fallbacks, the fused q|k|v and gate|up layouts, megatron's

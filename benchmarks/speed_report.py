@@ -54,7 +54,7 @@ def _all_rows(res: Path, name: str) -> list[dict]:
 
 def _fmt_row(r: dict | None, label: str) -> str:
     if r is None:
-        return f"| {label} | - | - | - | - |"
+        return f"| {label} | not measured in this run | | | |"
     mfu = f"{100 * r['mfu']:.1f} %" if r.get("mfu") is not None else "-"
     peak = f"{r['peak_gib']:.1f}" if r.get("peak_gib") is not None else "-"
     return f"| {label} | {r['micro_batch']} | {r['tokens_per_s']:,.0f} | {mfu} | {peak} |"
