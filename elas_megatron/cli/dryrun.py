@@ -17,7 +17,7 @@ import sys
 
 from elas_megatron.config.schema import Config
 
-__all__ = ["assumed_device", "check_data", "main", "render_report", "resolve_vocab_size"]
+__all__ = ["assumed_device", "check_data", "load_config_or_report", "main", "render_report", "resolve_vocab_size"]
 
 
 def resolve_vocab_size(cfg: Config, override: int | None) -> tuple[int, str] | None:
@@ -145,18 +145,26 @@ def render_report(cfg: Config, *, world_size: int, vocab_size: int, vocab_source
     return lines
 
 
+def load_config_or_report(args: list[str], *, world_size: int, prog: str) -> Config | None:
+    """The config of ``args`` (YAML files, then ``section.key=value`` overrides) validated for ``world_size``; None
+    after printing ``PROG: config error: ...`` on stderr."""
+    from elas_megatron.config import ConfigError, load_config
+
+    try:
+        return load_config([a for a in args if "=" not in a], [a for a in args if "=" in a], world_size=world_size)
+    except ConfigError as exc:
+        print(f"{prog}: config error: {exc}", file=sys.stderr)
+        return None
+
+
 def dry_run(args: list[str], *, world_size: int, vocab_size: int | None = None, check_files: bool = True,
             gpu_memory_gib: float | None = None, quiet: bool = False, prog: str = "elas-train --dry-run") -> int:
     """Validate and report; returns the exit status (0 ok, 2 error). ``args``: YAML files then overrides."""
-    from elas_megatron.config import ConfigError, load_config
-
+    cfg = load_config_or_report(args, world_size=world_size, prog=prog)
+    if cfg is None:
+        return 2
     configs = [a for a in args if "=" not in a]
     overrides = [a for a in args if "=" in a]
-    try:
-        cfg = load_config(configs, overrides, world_size=world_size)
-    except ConfigError as exc:
-        print(f"{prog}: config error: {exc}", file=sys.stderr)
-        return 2
     problems = check_data(cfg) if check_files else []
     for problem in problems:
         print(f"{prog}: data error: {problem}", file=sys.stderr)

@@ -123,15 +123,11 @@ def _print_config(args: list[str], world_size: int) -> int:
     """``--print-config``: the resolved config as YAML on stdout; exit 0, or 2 on a config error."""
     import yaml
 
-    from elas_megatron.config import ConfigError, load_config
+    from elas_megatron.cli.dryrun import load_config_or_report
     from elas_megatron.config.loader import config_to_dict
 
-    configs = [a for a in args if "=" not in a]
-    overrides = [a for a in args if "=" in a]
-    try:
-        cfg = load_config(configs, overrides, world_size=world_size)
-    except ConfigError as exc:
-        print(f"elas-train: config error: {exc}", file=sys.stderr)
+    cfg = load_config_or_report(args, world_size=world_size, prog="elas-train")
+    if cfg is None:
         return EXIT_CONFIG
     print(f"# elas-train --print-config {' '.join(args)} (world size {world_size})")
     sys.stdout.write(yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=False))
