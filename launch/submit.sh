@@ -1,25 +1,38 @@
 #!/usr/bin/env bash
 # Check a run with the dry run, then submit launch/slurm.sbatch.
 #
-#   launch/submit.sh [SBATCH OPTIONS] [--] CONFIG.yaml [MORE.yaml ...] [section.key=value ...]
+#   launch/submit.sh [SBATCH OPTIONS] [--dry-run] [--no-data-check] [--vocab-size=V] [--] CONFIG.yaml [MORE.yaml ...]
+#                    [section.key=value ...]
 #   launch/submit.sh --nodes=4 --time=48:00:00 --partition=gpu -- configs/c4.yaml configs/model/1b.yaml \
-#       configs/variant/elas.yaml configs/layout/dp8.yaml
+#       configs/variant/elas.yaml configs/layout/dp8.yaml train.micro_batch=16
+#   launch/submit.sh --help
 #
 # Leading options (write them as --name=value) go to sbatch unchanged; --nodes (default 1) and --gpus-per-node
 # (default 8) also set the world size the dry run checks. The job name defaults to "elas-" + the YAML file names,
 # the log to runs/slurm/<job name>-<job id>.out (the folder is created here: SLURM does not create it).
 # ELAS_SUBMIT_DRY=1 prints the sbatch command instead of running it.
+# Planning flags (before or after the configs; not passed to sbatch): --dry-run prints the dry-run report for
+# nodes x gpus-per-node processes and exits without submitting; --no-data-check skips the tokenizer and data file
+# checks here (e.g. a login node that does not see the data; the job checks them again when it starts);
+# --vocab-size=V sets the vocabulary when neither model.vocab_size nor the tokenizer gives it.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PYTHON=${PYTHON:-python3}
+usage() { sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "$0"; }
 
 SBATCH_ARGS=()
 NODES=1
 GPUS=8
 NAME=
+DRY_RUN=0
+PLAN_ARGS=()
 while [ $# -gt 0 ]; do
     case "$1" in
         --) shift; break ;;
+        -h|--help) usage; exit 0 ;;
+        --dry-run) DRY_RUN=1; shift ;;
+        --no-data-check) PLAN_ARGS+=("$1"); shift ;;
+        --vocab-size=*) PLAN_ARGS+=("$1"); shift ;;
         --nodes=*|-N=*) NODES=${1#*=}; SBATCH_ARGS+=("--nodes=$NODES"); shift ;;
         --gpus-per-node=*) GPUS=${1#*=}; GPUS=${GPUS##*:}; SBATCH_ARGS+=("$1"); shift ;;
         --job-name=*|-J=*) NAME=${1#*=}; shift ;;
@@ -34,7 +47,14 @@ done
 
 CONFIG_ARGS=()
 STEMS=()
+JOB_ARGS=()
 for a in "$@"; do
+    case "$a" in
+        --dry-run) DRY_RUN=1; continue ;;
+        --no-data-check|--vocab-size=*) PLAN_ARGS+=("$a"); continue ;;
+        -h|--help) usage; exit 0 ;;
+    esac
+    JOB_ARGS+=("$a")
     case "$a" in
         --*) ;;
         *=*) CONFIG_ARGS+=("$a") ;;
@@ -44,10 +64,12 @@ done
 if [ -z "$NAME" ]; then
     NAME=$(IFS=-; echo "elas-${STEMS[*]}")
 fi
-"$PYTHON" -m elas_megatron.cli.dryrun --world-size $(( NODES * GPUS )) "${CONFIG_ARGS[@]}"
+"$PYTHON" -m elas_megatron.cli.dryrun --world-size $(( NODES * GPUS )) ${PLAN_ARGS[@]+"${PLAN_ARGS[@]}"} \
+    "${CONFIG_ARGS[@]}"
+[ "$DRY_RUN" -eq 0 ] || exit 0
 
 mkdir -p runs/slurm
-CMD=(sbatch --job-name="$NAME" ${SBATCH_ARGS[@]+"${SBATCH_ARGS[@]}"} launch/slurm.sbatch "$@")
+CMD=(sbatch --job-name="$NAME" ${SBATCH_ARGS[@]+"${SBATCH_ARGS[@]}"} launch/slurm.sbatch "${JOB_ARGS[@]}")
 if [ "${ELAS_SUBMIT_DRY:-0}" = 1 ]; then
     printf '%q ' "${CMD[@]}"; echo
 else

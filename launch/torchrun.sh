@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Launch elas-megatron pretraining with torchrun, on one node or on each node of a multi-node job.
 #
-#   launch/torchrun.sh [LAUNCH OPTIONS] CONFIG.yaml [MORE.yaml ...] [section.key=value ...] [--resume] [--dry-run]
+#   launch/torchrun.sh [LAUNCH OPTIONS] CONFIG.yaml [MORE.yaml ...] [section.key=value ...] [--resume]
+#   launch/torchrun.sh [LAUNCH OPTIONS] CONFIG.yaml ... --dry-run [--no-data-check] [--vocab-size V]
+#   launch/torchrun.sh --help
 #
 #   launch/torchrun.sh configs/demo.yaml                                   # one node, all visible GPUs (or 1 CPU process)
 #   launch/torchrun.sh --nnodes 4 --node-rank 0 --rdzv-endpoint node01:29400 configs/c4.yaml ...   # on every node,
@@ -16,6 +18,9 @@
 #   --rdzv-id ID           [RDZV_ID]          run id shared by all nodes (default $SLURM_JOB_ID, else "elas")
 #   --shutdown-timeout S   [ELAS_SHUTDOWN_TIMEOUT_S]  seconds workers get to save a checkpoint after SIGTERM/SIGUSR1
 #                                             before torchrun kills them (default 600)
+# Planning (nothing starts): --dry-run prints the report for world size nnodes x nproc-per-node and exits;
+#   --no-data-check (with --dry-run) does not require the tokenizer and data files, --vocab-size V sets the
+#   vocabulary when neither model.vocab_size nor the tokenizer gives it.
 # All other arguments go to `python -m elas_megatron.cli.train`.
 #
 # Before torchrun starts, the config and layout are checked against the world size (nnodes x nproc-per-node) by
@@ -30,6 +35,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PYTHON=${PYTHON:-python3}
 
 die() { echo "launch/torchrun.sh: $*" >&2; exit 2; }
+usage() { sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "$0"; }
 
 NNODES=${NNODES:-${SLURM_NNODES:-1}}
 NODE_RANK=${NODE_RANK:-${SLURM_NODEID:-0}}
@@ -38,6 +44,7 @@ RDZV_ENDPOINT=${RDZV_ENDPOINT:-}
 RDZV_ID=${RDZV_ID:-${SLURM_JOB_ID:-elas}}
 SHUTDOWN_TIMEOUT=${ELAS_SHUTDOWN_TIMEOUT_S:-600}
 DRY_RUN=0
+PLAN_ARGS=()
 TRAIN_ARGS=()
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -54,9 +61,15 @@ while [ $# -gt 0 ]; do
         --shutdown-timeout) SHUTDOWN_TIMEOUT=${2:?"$1 needs a value"}; shift 2 ;;
         --shutdown-timeout=*) SHUTDOWN_TIMEOUT=${1#*=}; shift ;;
         --dry-run) DRY_RUN=1; shift ;;
+        --no-data-check) PLAN_ARGS+=("$1"); shift ;;
+        --vocab-size) PLAN_ARGS+=("$1" "${2:?"$1 needs a value"}"); shift 2 ;;
+        --vocab-size=*) PLAN_ARGS+=("$1"); shift ;;
+        -h|--help) usage; exit 0 ;;
         *) TRAIN_ARGS+=("$1"); shift ;;
     esac
 done
+[ ${#PLAN_ARGS[@]} -eq 0 ] || [ "$DRY_RUN" -eq 1 ] \
+    || die "${PLAN_ARGS[0]} is for planning: add --dry-run (a run always checks its data)"
 [ ${#TRAIN_ARGS[@]} -gt 0 ] || die "no config given; usage: launch/torchrun.sh [--nnodes N ...] CONFIG.yaml [section.key=value ...]"
 for v in NNODES NODE_RANK SHUTDOWN_TIMEOUT; do
     [[ ${!v} =~ ^[0-9]+$ ]] || die "$v=${!v} is not a non-negative integer"
@@ -91,7 +104,8 @@ for a in "${TRAIN_ARGS[@]}"; do
 done
 QUIET=()
 [ "$NODE_RANK" -eq 0 ] || QUIET=(--quiet)
-"$PYTHON" -m elas_megatron.cli.dryrun --world-size "$WORLD_SIZE" ${QUIET[@]+"${QUIET[@]}"} "${CONFIG_ARGS[@]}" \
+"$PYTHON" -m elas_megatron.cli.dryrun --world-size "$WORLD_SIZE" ${QUIET[@]+"${QUIET[@]}"} \
+    ${PLAN_ARGS[@]+"${PLAN_ARGS[@]}"} "${CONFIG_ARGS[@]}" \
     || exit $?
 [ "$DRY_RUN" -eq 0 ] || exit 0
 

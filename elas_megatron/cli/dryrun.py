@@ -17,13 +17,14 @@ import sys
 
 from elas_megatron.config.schema import Config
 
-__all__ = ["check_data", "main", "render_report", "resolve_vocab_size"]
-
-_DEFAULT_VOCAB = 32000  # T5's sentencepiece vocabulary, the papers' tokenizer
+__all__ = ["assumed_device", "check_data", "load_config_or_report", "main", "render_report", "resolve_vocab_size"]
 
 
-def resolve_vocab_size(cfg: Config, override: int | None) -> tuple[int, str]:
-    """(vocabulary size, where it came from): ``--vocab-size``, ``model.vocab_size`` or the tokenizer file."""
+def resolve_vocab_size(cfg: Config, override: int | None) -> tuple[int, str] | None:
+    """(vocabulary size, where it came from): ``--vocab-size``, ``model.vocab_size`` or the tokenizer file.
+
+    None when none of them is known (no flag, no ``model.vocab_size`` and no tokenizer on disk).
+    """
     if override is not None:
         return override, "--vocab-size"
     if cfg.model.vocab_size is not None:
@@ -32,21 +33,41 @@ def resolve_vocab_size(cfg: Config, override: int | None) -> tuple[int, str]:
         from elas_megatron.data.tokenizer import load_tokenizer
 
         return load_tokenizer(cfg.data.tokenizer).vocab_size, cfg.data.tokenizer
-    return _DEFAULT_VOCAB, f"assumed: {cfg.data.tokenizer} not found"
+    return None
+
+
+def assumed_device(cfg: Config) -> tuple[str, str, str]:
+    """(device, dtype, why) the memory estimate assumes: the run's ``train.device``/``train.dtype`` when set, else
+    GPU bf16 (a cluster run; ``train.dtype=auto`` means bf16 on CUDA)."""
+    t = cfg.train
+    device = "CPU" if t.device == "cpu" else "GPU"
+    if t.dtype != "auto":
+        dtype = t.dtype
+    else:
+        dtype = "fp32" if t.device == "cpu" else "bf16"
+    if t.device == "auto" and t.dtype == "auto":
+        why = "train.device=auto, train.dtype=auto: a GPU run; set train.device=cpu for a CPU run's fp32 estimate"
+    else:
+        why = f"train.device={t.device}, train.dtype={t.dtype}"
+    return device, dtype, why
 
 
 def check_data(cfg: Config) -> list[str]:
     """Problems that would stop the run at start-up: a missing tokenizer or indexed-dataset file."""
     problems = []
     if not os.path.isfile(cfg.data.tokenizer):
-        problems.append(f"data.tokenizer={cfg.data.tokenizer!r} does not exist; prepare it (docs/data.md) or fix "
-                        "the path")
+        problems.append(f"data.tokenizer={cfg.data.tokenizer!r} does not exist; prepare it (docs/data.md), fix "
+                        "the path, or plan without data: --dry-run --no-data-check")
     prefixes = [("data.train_prefixes", p) for p in cfg.data.train_prefixes]
     prefixes += [("data.valid_prefixes", p) for p in cfg.data.valid_prefixes or []]
     for key, prefix in prefixes:
         missing = [ext for ext in (".bin", ".idx") if not os.path.isfile(prefix + ext)]
         if missing:
             problems.append(f"{key}: {prefix}{'/'.join(missing)} does not exist; run elas-prep or fix the prefix")
+    if not problems:
+        from elas_megatron.data.vocab import check_data_vocabulary
+
+        problems += check_data_vocabulary(cfg.data)
     return problems
 
 
@@ -98,9 +119,11 @@ def render_report(cfg: Config, *, world_size: int, vocab_size: int, vocab_source
     ]
     peak = est.peak
     bpp = est.bytes_per_param
+    device, dtype, why = assumed_device(cfg)
     where = f", pipeline stage {peak.stage} of {p.pp} ({peak.layers} layers)" if p.pp > 1 else ""
     lines += [
-        f"memory/GPU   estimate{where}; {peak.params / 1e6:.1f}M parameters on this GPU",
+        f"memory/{device}   estimate for {device} {dtype} ({why}){where}; {peak.params / 1e6:.1f}M parameters "
+        f"on this {device}",
         f"  weights     {_gib(peak.weights)}  ({bpp['weights']:g} B/param)",
         f"  grads       {_gib(peak.grads)}  ({bpp['grads']:g} B/param)",
         f"  optimizer   {_gib(peak.optimizer)}  ({bpp['optimizer']:.4g} B/param)",
@@ -111,35 +134,56 @@ def render_report(cfg: Config, *, world_size: int, vocab_size: int, vocab_source
             f"{mode} {peak.activations_by_recompute[mode] / 2**30:.2f}" for mode in RECOMPUTE_MODES) + " GiB",
     ]
     if gpu_memory_gib is not None and peak.total > 0.9 * gpu_memory_gib * 2**30:
-        lines.append(f"WARNING      the estimate exceeds 90% of {gpu_memory_gib:g} GiB per GPU: lower "
-                     "train.micro_batch, set parallel.recompute, parallel.zero_stage=1 or a larger parallel.tp/pp")
+        fixes = ["lower train.micro_batch"]
+        if p.recompute != "full":
+            fixes.append("set parallel.recompute" + ("=full" if p.recompute != "none" else ""))
+        if p.zero_stage < 1:
+            fixes.append("parallel.zero_stage=1")
+        fixes.append("a larger parallel.tp/pp")
+        lines.append(f"WARNING      the estimate exceeds 90% of {gpu_memory_gib:g} GiB per GPU: "
+                     + ", ".join(fixes[:-1]) + " or " + fixes[-1])
     return lines
+
+
+def load_config_or_report(args: list[str], *, world_size: int, prog: str) -> Config | None:
+    """The config of ``args`` (YAML files, then ``section.key=value`` overrides) validated for ``world_size``; None
+    after printing ``PROG: config error: ...`` on stderr."""
+    from elas_megatron.config import ConfigError, load_config
+
+    try:
+        return load_config([a for a in args if "=" not in a], [a for a in args if "=" in a], world_size=world_size)
+    except ConfigError as exc:
+        print(f"{prog}: config error: {exc}", file=sys.stderr)
+        return None
 
 
 def dry_run(args: list[str], *, world_size: int, vocab_size: int | None = None, check_files: bool = True,
             gpu_memory_gib: float | None = None, quiet: bool = False, prog: str = "elas-train --dry-run") -> int:
     """Validate and report; returns the exit status (0 ok, 2 error). ``args``: YAML files then overrides."""
-    from elas_megatron.config import ConfigError, load_config
-
+    cfg = load_config_or_report(args, world_size=world_size, prog=prog)
+    if cfg is None:
+        return 2
     configs = [a for a in args if "=" not in a]
     overrides = [a for a in args if "=" in a]
-    try:
-        cfg = load_config(configs, overrides, world_size=world_size)
-    except ConfigError as exc:
-        print(f"{prog}: config error: {exc}", file=sys.stderr)
-        return 2
     problems = check_data(cfg) if check_files else []
     for problem in problems:
         print(f"{prog}: data error: {problem}", file=sys.stderr)
     if problems:
         return 2
-    vocab, source = resolve_vocab_size(cfg, vocab_size)
+    resolved = resolve_vocab_size(cfg, vocab_size)
+    if resolved is None:
+        print(f"{prog}: config error: the vocabulary size is unknown: data.tokenizer={cfg.data.tokenizer!r} does "
+              "not exist and model.vocab_size is not set; set model.vocab_size or pass --vocab-size N (32000 for "
+              "the T5 tokenizer)", file=sys.stderr)
+        return 2
+    vocab, source = resolved
     if vocab % cfg.parallel.tp != 0:
         print(f"{prog}: config error: vocabulary {vocab} is not divisible by parallel.tp={cfg.parallel.tp}; set "
               f"model.vocab_size to a multiple of {cfg.parallel.tp}", file=sys.stderr)
         return 2
     if not quiet:
-        print(f"{prog}: {' '.join(configs + overrides)} on {world_size} GPU(s): OK")
+        device = assumed_device(cfg)[0]
+        print(f"{prog}: {' '.join(configs + overrides)} on {world_size} {device}(s): OK")
         for line in render_report(cfg, world_size=world_size, vocab_size=vocab, vocab_source=source,
                                   gpu_memory_gib=gpu_memory_gib):
             print(line)

@@ -3,6 +3,10 @@
 Several YAML files merge left to right (e.g. ``configs/c4.yaml configs/model/1b.yaml configs/variant/elas.yaml``);
 ``section.key=value`` overrides come last. This is also what torchrun launches.
 
+Planning, without training: ``--dry-run [--world-size N] [--no-data-check] [--vocab-size V]`` validates the config
+and layout and prints the report of :mod:`elas_megatron.cli.dryrun`; ``--print-config`` prints the resolved config
+(every key, defaults included) as YAML. docs/configs.md tabulates the shipped configs.
+
 Runs as-is under torchrun (it reads RANK/WORLD_SIZE/LOCAL_RANK). Exit codes, each failure printed as one line:
 
 * 0 -- trained to ``train.steps``, or stopped by SIGTERM/SIGUSR1 after saving a checkpoint (rerun with --resume);
@@ -31,19 +35,45 @@ def main(argv: list[str] | None = None, callbacks=()) -> int:
     ``callbacks``: :class:`~elas_megatron.training.callbacks.Callback` s handed to the trainer (for programs that
     wrap ``elas-train``, e.g. with instrumentation).
     """
-    parser = argparse.ArgumentParser(prog="elas-train", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="elas-train", description=__doc__.splitlines()[0],
+        epilog="Every config key, its default and its value after the YAML files and overrides: elas-train "
+               "--print-config CONFIG.yaml ... (the fields are documented in elas_megatron/config/schema.py; the "
+               "shipped configs are tabulated in docs/configs.md).")
     parser.add_argument("args", nargs="+", metavar="CONFIG.yaml | section.key=value",
                         help="YAML configs (merged left to right), then overrides such as train.steps=100")
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in checkpoint.dir")
-    parser.add_argument("--dry-run", action="store_true",
-                        help="validate config, layout ($WORLD_SIZE, default 1) and data; print parameter counts, "
-                             "steps/tokens and the per-GPU memory estimate; do not train")
-    args = parser.parse_args(argv)
+    plan = parser.add_argument_group("planning (nothing is trained)")
+    plan.add_argument("--dry-run", action="store_true",
+                      help="validate config, layout and data; print parameter counts, steps/tokens and the memory "
+                           "estimate per device (the device and dtype it assumes are stated); do not train")
+    plan.add_argument("--world-size", type=int, default=None,
+                      help="with --dry-run or --print-config: the planned number of processes (GPUs) of the run "
+                           "(default $WORLD_SIZE, else 1)")
+    plan.add_argument("--no-data-check", action="store_true",
+                      help="with --dry-run: do not require the tokenizer and data files (the vocabulary then comes "
+                           "from --vocab-size or model.vocab_size)")
+    plan.add_argument("--vocab-size", type=int, default=None,
+                      help="with --dry-run: the vocabulary size, instead of model.vocab_size or the tokenizer's")
+    plan.add_argument("--print-config", action="store_true",
+                      help="print the resolved config as YAML (every key, defaults included) and exit")
+    args = parser.parse_intermixed_args(argv)
+    if args.world_size is not None and args.world_size < 1:
+        parser.error(f"--world-size must be positive, got {args.world_size}")
+    if not (args.dry_run or args.print_config):
+        for flag, given in (("--world-size", args.world_size is not None), ("--no-data-check", args.no_data_check),
+                            ("--vocab-size", args.vocab_size is not None)):
+            if given:
+                parser.error(f"{flag} is for planning: add --dry-run (training takes the world size from torchrun "
+                             "and always checks its data)")
+    world_size = args.world_size if args.world_size is not None else int(os.environ.get("WORLD_SIZE", "1"))
+    if args.print_config:
+        return _print_config(args.args, world_size)
     if args.dry_run:
         from elas_megatron.cli.dryrun import dry_run
 
-        return dry_run(args.args, world_size=int(os.environ.get("WORLD_SIZE", "1")),
-                       quiet=int(os.environ.get("RANK", "0")) != 0)
+        return dry_run(args.args, world_size=world_size, vocab_size=args.vocab_size,
+                       check_files=not args.no_data_check, quiet=int(os.environ.get("RANK", "0")) != 0)
     configs = [a for a in args.args if "=" not in a]
     overrides = [a for a in args.args if "=" in a]
 
@@ -86,6 +116,21 @@ def main(argv: list[str] | None = None, callbacks=()) -> int:
             print(f"final step {trainer.step}: validation loss {val_loss:.4f}, "
                   f"validation perplexity {math.exp(min(val_loss, 50.0)):.2f}", flush=True)
     destroy_parallel()
+    return 0
+
+
+def _print_config(args: list[str], world_size: int) -> int:
+    """``--print-config``: the resolved config as YAML on stdout; exit 0, or 2 on a config error."""
+    import yaml
+
+    from elas_megatron.cli.dryrun import load_config_or_report
+    from elas_megatron.config.loader import config_to_dict
+
+    cfg = load_config_or_report(args, world_size=world_size, prog="elas-train")
+    if cfg is None:
+        return EXIT_CONFIG
+    print(f"# elas-train --print-config {' '.join(args)} (world size {world_size})")
+    sys.stdout.write(yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=False))
     return 0
 
 

@@ -34,6 +34,7 @@ import numpy as np
 from elas_megatron.config.schema import DataConfig
 from elas_megatron.data.helpers import ensure_helpers
 from elas_megatron.data.indexed import DatasetInfo, check_indexed_dataset, max_token_id
+from elas_megatron.data.vocab import vocabulary_mismatch
 
 logger = logging.getLogger(__name__)
 
@@ -89,13 +90,22 @@ def check_prefixes(prefixes: Sequence[str], *, vocab_size: int, what: str) -> li
 
 
 def _eod_id(data_cfg: DataConfig, infos: Sequence[DatasetInfo]) -> int:
-    """EOS id from the configured tokenizer (checked against the data's sidecars), else from the sidecars."""
+    """EOS id from the configured tokenizer (checked against the data's sidecars), else from the sidecars.
+
+    Raises:
+        ValueError: a sidecar records another vocabulary size than the tokenizer's.
+    """
     meta_eos = {(i.meta or {}).get("eos_id") for i in infos} - {None}
     meta_sha = {(i.meta or {}).get("tokenizer_sha256") for i in infos} - {None}
     if os.path.isfile(data_cfg.tokenizer):
         from elas_megatron.data.tokenizer import load_tokenizer
 
         tokenizer = load_tokenizer(data_cfg.tokenizer)
+        for info in infos:  # another vocabulary: different pieces behind the same ids (docs/data.md)
+            what = "data.train_prefixes" if info.prefix in data_cfg.train_prefixes else "data.valid_prefixes"
+            problem = vocabulary_mismatch(info.prefix, what, info.meta, data_cfg.tokenizer, tokenizer.vocab_size)
+            if problem:
+                raise ValueError(problem)
         if meta_sha and tokenizer.sha256 not in meta_sha:
             odd = next(i for i in infos if (i.meta or {}).get("tokenizer_sha256") not in (None, tokenizer.sha256))
             logger.warning("%s was tokenized with %s, not with data.tokenizer=%s (different model files); the "

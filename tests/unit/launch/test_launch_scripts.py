@@ -179,3 +179,37 @@ def test_submit_validates_then_calls_sbatch(stubs):
     assert bad.returncode == 2 and "not divisible" in bad.stderr
     assert [line for line in log.read_text().splitlines() if line.startswith("sbatch ")] == \
         [log.read_text().splitlines()[0]]
+
+
+@pytest.mark.parametrize("script", ["launch/torchrun.sh", "launch/submit.sh"])
+def test_help_prints_the_usage_and_exits_0(stubs, script):
+    env, log = stubs
+    out = run([script, "--help"], env)
+    assert out.returncode == 0 and f"{script} --help" in out.stdout and out.stderr == ""
+    assert "--no-data-check" in out.stdout and "set -euo" not in out.stdout and log.read_text() == ""
+
+
+def test_planning_flags_reach_the_dry_run_with_the_planned_world_size(stubs):
+    env, log = stubs
+    files = ["configs/c4.yaml", "configs/model/7b.yaml", "configs/variant/elas.yaml", "configs/layout/tp4-pp2.yaml"]
+    out = run(["launch/torchrun.sh", "--nnodes", "4", "--nproc-per-node", "8", "--dry-run", *files,
+               "--no-data-check", "--vocab-size", "32000"], env)
+    assert out.returncode == 0, out.stderr
+    assert "world 32 = dp 4 x tp 4 x pp 2" in out.stdout and "vocab 32000 (--vocab-size)" in out.stdout
+    assert torchrun_lines(log) == []
+    out = run(["launch/torchrun.sh", DEMO, "--no-data-check"], env)
+    assert out.returncode == 2 and "--no-data-check is for planning: add --dry-run" in out.stderr
+    out = run(["launch/submit.sh", "--nodes=4", "--dry-run", "--", *files, "--no-data-check"], env)
+    assert out.returncode == 0, out.stderr
+    assert "world 32 = dp 4 x tp 4 x pp 2" in out.stdout and "sbatch" not in log.read_text()
+
+
+def test_submit_keeps_planning_flags_out_of_the_job(stubs):
+    env, log = stubs
+    files = ["configs/c4.yaml", "configs/model/1b.yaml", "configs/variant/elas.yaml", "configs/layout/dp8.yaml"]
+    out = run(["launch/submit.sh", "--nodes=4", "--no-data-check", "--", *files, "train.micro_batch=16", "--resume"],
+              env)
+    assert out.returncode == 0, out.stderr
+    sbatch = [line for line in log.read_text().splitlines() if line.startswith("sbatch ")]
+    assert len(sbatch) == 1 and sbatch[0].endswith("configs/layout/dp8.yaml train.micro_batch=16 --resume")
+    assert "--no-data-check" not in sbatch[0]
