@@ -12,6 +12,7 @@ spec (:func:`elas_megatron.layers.specs.get_layer_spec`) and its FFN settings of
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 from collections.abc import Iterator
 
@@ -141,7 +142,18 @@ def model_transformer_config(model_cfg: ModelConfig, parallel_cfg: ParallelConfi
         gradient_accumulation_fusion=False,
         apply_rope_fusion=on_cuda and te_available(),
         persist_layer_norm=False,
+        **_quiet_defaults(),
     )
+
+
+def _quiet_defaults() -> dict:
+    """Settings that only restate megatron's defaults in their current spelling.
+
+    megatron-core 0.16's default ``cuda_graph_scope="full"`` warns on every construction that "full" is
+    deprecated for its equivalent ``[]`` (the whole layer); CUDA graphs are not used here either way.
+    """
+    names = {f.name for f in dataclasses.fields(TransformerConfig)}
+    return {"cuda_graph_scope": []} if "cuda_graph_scope" in names else {}
 
 
 @contextlib.contextmanager

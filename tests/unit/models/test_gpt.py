@@ -124,3 +124,13 @@ def test_build_gpt_takes_the_model_and_parallel_sections(world):
     for (name, a), (_, b) in zip(direct.state_dict().items(), via_run_config.state_dict().items(), strict=True):
         if not name.endswith("_extra_state"):
             assert torch.equal(a, b), name
+
+
+def test_transformer_config_builds_without_megatrons_deprecation_warning():
+    import warnings
+
+    cfg = tiny_config("elas")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        transformer_config(cfg)
+    assert not [w for w in caught if "deprecated" in str(w.message)], [str(w.message) for w in caught]
