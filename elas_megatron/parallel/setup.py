@@ -110,6 +110,21 @@ class ProgressBoard:
     def missing(self) -> list[int]:
         return [r for r, v in self.read_all().items() if v is None]
 
+    # A hang, once one rank's watchdog declares it, is diagnosed by every rank before any of them exits (a rank
+    # that exits first closes its connections, and the others would die of that instead of naming the stuck rank).
+    def declare_hang(self) -> None:
+        self.store.set(f"{self.prefix}/hang", str(self.global_rank))
+
+    def hang_declared(self) -> bool:
+        return self.store.check([f"{self.prefix}/hang"])
+
+    def acknowledge_hang(self) -> int:
+        """Count this rank as having diagnosed the hang; returns how many ranks have."""
+        return self.store.add(f"{self.prefix}/hang_acks", 1)
+
+    def hang_acks(self) -> int:
+        return self.store.add(f"{self.prefix}/hang_acks", 0)
+
 
 def _init_process_group(dev: torch.device, timeout_s: int, board: ProgressBoard | None, **kwargs) -> None:
     if board is not None:

@@ -5,7 +5,8 @@ Every rank records where it is (:class:`Progress`: step, phase); a thread (:clas
 main thread's current Python location to the torchrun agent's store
 (:class:`~elas_megatron.parallel.setup.ProgressBoard`). When a rank makes no progress for
 ``parallel.distributed_timeout_s``, its watchdog names the stuck rank(s) (:func:`diagnose_hang`) -- those not
-waiting in a ``torch.distributed`` call, or not reporting at all -- and ends the process (exit code
+waiting in a ``torch.distributed`` call, or not reporting at all -- declares the hang on the board, so that every
+other rank's watchdog diagnoses it too at its next poll, waits for them (briefly) and ends the process (exit code
 :data:`EXIT_HANG`).
 """
 from __future__ import annotations
@@ -131,14 +132,37 @@ class Watchdog:
     def _run(self) -> None:
         while not self._stop.wait(self.poll_s):
             report = self._report()
+            declared = False
             try:
                 if self.board is not None:
                     self.board.post(json.dumps(report))
+                    declared = self.board.hang_declared()
             except (RuntimeError, OSError) as exc:  # the store went away (job teardown): keep timing locally
                 logger.debug("watchdog: cannot post progress: %s", exc)
-            if self.progress.watched and report["idle_s"] > self.timeout_s:
-                self.on_hang(self.describe_hang(report))
+            if declared or (self.progress.watched and report["idle_s"] > self.timeout_s):
+                message = self.describe_hang(report)
+                self._settle()
+                self.on_hang(message)
                 return
+
+    def _settle(self) -> None:
+        """Declare the hang and wait (a few polls at most) until every rank has diagnosed it.
+
+        Why: the first rank to exit closes its connections; a rank still waiting in a collective would then fail
+        with a connection error instead of naming the stuck rank. Every rank's watchdog sees the declaration at
+        its next poll and diagnoses at once (its own timeout not yet reached); ranks too frozen to answer, or
+        dead, are waited for only ``2 * poll + 2`` seconds.
+        """
+        if self.board is None:
+            return
+        try:
+            self.board.declare_hang()
+            self.board.acknowledge_hang()
+            deadline = time.monotonic() + 2 * self.poll_s + 2.0
+            while self.board.hang_acks() < self.board.world_size and time.monotonic() < deadline:
+                time.sleep(0.05)
+        except (RuntimeError, OSError) as exc:
+            logger.debug("watchdog: cannot settle the hang with the other ranks: %s", exc)
 
     def describe_hang(self, report: dict) -> str:
         reports: dict[int, dict | None] = {self.global_rank: report}

@@ -53,3 +53,51 @@ def test_watchdog_thread_is_gone_after_training():
     with Watchdog(Progress(), timeout_s=60, board=None, global_rank=0, on_hang=lambda message: None):
         assert "elas-watchdog" in {t.name for t in threading.enumerate()}
     assert {t.name for t in threading.enumerate()} == before
+
+
+class _Board:
+    """The ProgressBoard protocol over one dict shared by every in-process "rank" (the torchrun store's role)."""
+
+    def __init__(self, shared: dict, rank: int, world_size: int) -> None:
+        self.shared, self.global_rank, self.world_size = shared, rank, world_size
+
+    def post(self, value: str) -> None:
+        self.shared[self.global_rank] = value
+
+    def read_all(self) -> dict:
+        return {r: self.shared.get(r) for r in range(self.world_size)}
+
+    def declare_hang(self) -> None:
+        self.shared.setdefault("hang", self.global_rank)
+
+    def hang_declared(self) -> bool:
+        return "hang" in self.shared
+
+    def acknowledge_hang(self) -> int:
+        self.shared["acks"] = self.shared.get("acks", 0) + 1
+        return self.shared["acks"]
+
+    def hang_acks(self) -> int:
+        return self.shared.get("acks", 0)
+
+
+def test_every_rank_diagnoses_a_hang_before_any_exits():
+    """Rank 1 stops; rank 0 keeps making progress far below its timeout, yet diagnoses as soon as rank 1's
+    watchdog declares the hang, and rank 1 waits for that before it ends (its exit would otherwise break rank
+    0's collectives first)."""
+    shared, events = {}, []
+    stuck, busy = Progress(), Progress()
+    dogs = [Watchdog(busy, timeout_s=60.0, board=_Board(shared, 0, 2), global_rank=0,
+                     on_hang=lambda m: events.append((0, m, shared.get("acks")))),
+            Watchdog(stuck, timeout_s=1.0, board=_Board(shared, 1, 2), global_rank=1,
+                     on_hang=lambda m: events.append((1, m, shared.get("acks"))))]
+    dogs[0].poll_s = dogs[1].poll_s = 0.2
+    stuck.update(3, "step start")
+    with dogs[0], dogs[1]:
+        deadline = time.monotonic() + 10
+        while len(events) < 2 and time.monotonic() < deadline:
+            busy.update(3, "forward")
+            time.sleep(0.05)
+    assert sorted(rank for rank, _, _ in events) == [0, 1], events
+    assert all(acks == 2 for _, _, acks in events), events  # nobody ended before both had diagnosed
+    assert all("rank 1: step 3 'step start'" in m for _, m, _ in events), events  # both name the stuck rank
