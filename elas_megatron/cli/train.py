@@ -31,7 +31,15 @@ def main(argv: list[str] | None = None, callbacks=()) -> int:
     ``callbacks``: :class:`~elas_megatron.training.callbacks.Callback` s handed to the trainer (for programs that
     wrap ``elas-train``, e.g. with instrumentation).
     """
-    parser = argparse.ArgumentParser(prog="elas-train", description=__doc__.splitlines()[0])
+    from dataclasses import fields
+
+    from elas_megatron.config.schema import LogConfig
+
+    parser = argparse.ArgumentParser(
+        prog="elas-train", description=__doc__.splitlines()[0],
+        epilog=("log options (docs/configs.md, docs/monitoring.md): "
+                + ", ".join(f"log.{f.name}" for f in fields(LogConfig))
+                + "; e.g. log.tensorboard=true (RUN_DIR/tensorboard), log.profile_steps=[10,12] (RUN_DIR/profile)"))
     parser.add_argument("args", nargs="+", metavar="CONFIG.yaml | section.key=value",
                         help="YAML configs (merged left to right), then overrides such as train.steps=100")
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in checkpoint.dir")
