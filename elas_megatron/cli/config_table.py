@@ -15,9 +15,10 @@ import sys
 from pathlib import Path
 
 from elas_megatron.config.loader import load_config, load_yaml_tree
+from elas_megatron.config.schema import LogConfig
 from elas_megatron.variants.registry import get_variant, variant_names
 
-__all__ = ["LAYOUT_FOR_SIZE", "render"]
+__all__ = ["LAYOUT_FOR_SIZE", "field_docs", "render"]
 
 REPO = Path(__file__).resolve().parents[2]
 VOCAB_SIZE = 32000
@@ -93,6 +94,37 @@ def _demo_row(root: Path) -> list[str]:
             f"MFLOPs/token, {cfg.train.steps} steps of {cfg.train.global_batch} x {cfg.train.seq_len} tokens.")]
 
 
+def field_docs(cls: type) -> dict[str, str]:
+    """A config dataclass's field docstrings (the string literal right under each field in
+    :mod:`elas_megatron.config.schema`), one line each; fields without one map to ''."""
+    import ast
+    import inspect
+    import textwrap
+
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body
+    docs: dict[str, str] = {}
+    for node, after in zip(body, body[1:] + [None]):
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            text = (after.value.value if isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant)
+                    and isinstance(after.value.value, str) else "")
+            docs[node.target.id] = " ".join(text.split())
+    return docs
+
+
+def _option_rows(cls: type, section: str) -> list[str]:
+    """``| key | default | meaning |`` for every field of a config section."""
+    from dataclasses import MISSING, fields
+
+    docs = field_docs(cls)
+    rows = ["| key | default | meaning |", "|---|---|---|"]
+    for f in fields(cls):
+        default = f.default if f.default is not MISSING else f.default_factory()
+        text = "null" if default is None else str(default).lower() if isinstance(default, bool) else default
+        rows.append(f"| `{section}.{f.name}` | `{text}` | {docs.get(f.name, '').replace('|', '/')} |")
+    return rows
+
+
 def render(root: Path = REPO) -> str:
     """The whole of docs/configs.md."""
     lines = [
@@ -133,6 +165,13 @@ def render(root: Path = REPO) -> str:
         "## Demo",
         "",
         *_demo_row(root),
+        "",
+        "## Log options",
+        "",
+        ("The `log` section (from the field documentation in `elas_megatron/config/schema.py`); `metrics.jsonl`, "
+        "TensorBoard, the console line and profiling are described in docs/monitoring.md."),
+        "",
+        *_option_rows(LogConfig, "log"),
         "",
     ]
     return "\n".join(lines)

@@ -35,11 +35,17 @@ def main(argv: list[str] | None = None, callbacks=()) -> int:
     ``callbacks``: :class:`~elas_megatron.training.callbacks.Callback` s handed to the trainer (for programs that
     wrap ``elas-train``, e.g. with instrumentation).
     """
+    from dataclasses import fields
+
+    from elas_megatron.config.schema import LogConfig
+
     parser = argparse.ArgumentParser(
         prog="elas-train", description=__doc__.splitlines()[0],
         epilog="Every config key, its default and its value after the YAML files and overrides: elas-train "
                "--print-config CONFIG.yaml ... (the fields are documented in elas_megatron/config/schema.py; the "
-               "shipped configs are tabulated in docs/configs.md).")
+               "shipped configs are tabulated in docs/configs.md). Log options (docs/configs.md, "
+               "docs/monitoring.md): " + ", ".join(f"log.{f.name}" for f in fields(LogConfig))
+               + "; e.g. log.tensorboard=true (RUN_DIR/tensorboard), log.profile_steps=[10,12] (RUN_DIR/profile).")
     parser.add_argument("args", nargs="+", metavar="CONFIG.yaml | section.key=value",
                         help="YAML configs (merged left to right), then overrides such as train.steps=100")
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in checkpoint.dir")

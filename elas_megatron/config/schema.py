@@ -302,9 +302,28 @@ class LogConfig:
     every: int = 1
     """Console/JSONL log interval in steps."""
     level: Literal["debug", "info", "warning"] = "info"
+    """Console log level."""
+    tensorboard: bool = False
+    """Also write every metrics.jsonl record as TensorBoard scalars to {train.run_dir}/tensorboard (logging rank
+    only; slash-namespaced tags such as loss/train, perf/tokens_per_s, optim/lr). Needs the optional extra:
+    pip install 'elas-megatron[tensorboard]'. A resumed run continues the same TensorBoard run: the steps after
+    the checkpoint are replaced, not duplicated."""
+    profile_steps: list[int] = field(default_factory=list)
+    """[from, to]: record a torch.profiler trace of training steps from..to (inclusive, 1-based) on every rank, written
+    as Chrome/Perfetto JSON to {train.run_dir}/profile/trace_rank{R}_steps{from}-{to}.json (open it in
+    https://ui.perfetto.dev or chrome://tracing). Empty = off."""
+    memory_snapshot_step: int | None = None
+    """CUDA: record the allocator's history during this training step (1-based) and dump a memory snapshot per rank to
+    {train.run_dir}/profile/memory_snapshot_rank{R}_step{S}.pickle (open it in https://pytorch.org/memory_viz).
+    Skipped with a log line on CPU. None = off."""
 
     def __post_init__(self) -> None:
         _check(self.every >= 1, "log.every", self.every, "a positive integer")
+        ps = self.profile_steps
+        _check(ps == [] or (len(ps) == 2 and 1 <= ps[0] <= ps[1]), "log.profile_steps", ps,
+               "[] (off) or [from, to] with 1 <= from <= to")
+        _check(self.memory_snapshot_step is None or self.memory_snapshot_step >= 1, "log.memory_snapshot_step",
+               self.memory_snapshot_step, "null (off) or a step >= 1")
 
 
 @dataclass(kw_only=True)

@@ -64,6 +64,10 @@ class Callback:
     def on_save_end(self, trainer: Trainer, path: Path) -> None:
         """A checkpoint was saved to ``path`` (with ``checkpoint.async_save``: scheduled; published there later)."""
 
+    def on_train_end(self, trainer: Trainer) -> None:
+        """``Trainer.train`` is returning (trained to ``train.steps``, stopped by a signal, or failed): flush and
+        release what the callback holds."""
+
 
 class CallbackList:
     """Several callbacks called in order, as one: ``callbacks.on_step_end(trainer, step, metrics)`` calls each

@@ -5,7 +5,12 @@ record every ``log.every`` steps and at the last step, one per evaluation, one p
 
 Keys are flat and stable because scripts and plots read them: ``step``, ``loss``, ``lr``, ``grad_norm``,
 ``tokens_per_s``, ``step_time_s``, ``tokens`` (consumed so far), and on CUDA ``mfu`` and ``mem_peak_gib``;
-evaluation records carry ``val_loss`` and ``val_ppl``. Only the logging rank writes.
+evaluation records carry ``val_loss`` and ``val_ppl``. Only the logging rank writes. The JSONL holds each step's
+own values; the console line averages loss and tokens/s over the steps since the previous line (``log.every``) and
+shows ``step N/M``, elapsed time and an ETA from that interval's step time.
+
+Metric sinks (:mod:`elas_megatron.training.sinks`, e.g. TensorBoard with ``log.tensorboard``) receive every step and
+evaluation record written here, under slash-namespaced names.
 
 The file is appended to across restarts. A resumed run first writes ``{"event": "resume", "step": S, "checkpoint":
 "step_..."}`` (:meth:`MetricsLogger.log_resume`); records written before it for steps after S are superseded (the
@@ -16,11 +21,13 @@ from __future__ import annotations
 import json
 import logging
 import math
+import time
 from pathlib import Path
 
 import torch
 
 from elas_megatron.training.callbacks import Callback
+from elas_megatron.training.sinks import MetricSink, sink_scalars
 
 logger = logging.getLogger(__name__)
 
@@ -66,14 +73,19 @@ class MetricsLogger(Callback):
     """Writes step, evaluation and resume records to ``{run_dir}/metrics.jsonl`` (logging rank only).
 
     As a callback it writes the step record of every ``every``-th step and of step ``last_step``
-    (:meth:`on_step_end`), evaluation (:meth:`on_evaluate`) and resume (:meth:`on_resume`) records.
+    (:meth:`on_step_end`), evaluation (:meth:`on_evaluate`) and resume (:meth:`on_resume`) records. ``sinks``
+    receive the step and evaluation records too (when ``enabled``); they are closed at the end of training.
     """
 
     def __init__(self, run_dir: str | Path, *, enabled: bool, flops_per_token: float | None,
-                 device: torch.device, num_gpus: int, every: int = 1, last_step: int | None = None) -> None:
+                 device: torch.device, num_gpus: int, every: int = 1, last_step: int | None = None,
+                 sinks: list[MetricSink] | tuple[MetricSink, ...] = ()) -> None:
         self.enabled = enabled
         self.every = every
         self.last_step = last_step
+        self.sinks = list(sinks) if enabled else []
+        self._start: float | None = None  # perf_counter at the first step of this process
+        self._window: list[tuple[float, int, float]] = []  # (loss, tokens, seconds) of the steps since the last line
         self.flops_per_token = flops_per_token
         self.device = device
         peak = peak_flops(device)
@@ -83,7 +95,12 @@ class MetricsLogger(Callback):
             self.path.parent.mkdir(parents=True, exist_ok=True)
 
     # callback interface ------------------------------------------------------------------------------------
+    def on_step_begin(self, trainer, step: int) -> None:
+        if self._start is None:
+            self._start = time.perf_counter()
+
     def on_step_end(self, trainer, step: int, metrics: dict) -> None:
+        self._window.append((metrics["loss"], metrics["tokens_per_step"], metrics["step_time_s"]))
         if step % self.every == 0 or step == self.last_step:
             self.log_step(step=step, **metrics)
         elif (metrics.get("extra") or {}).get("sparsity/act_density") is not None:
@@ -95,10 +112,37 @@ class MetricsLogger(Callback):
     def on_resume(self, trainer, path: Path) -> None:
         self.log_resume(step=trainer.step, checkpoint=Path(path).name)
 
+    def on_train_end(self, trainer) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Flush and close the sinks."""
+        for sink in self.sinks:
+            sink.close()
+
     # records ---------------------------------------------------------------------------------------------
     def _write(self, record: dict) -> None:
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
+        if "event" not in record:
+            scalars = sink_scalars(record)
+            for sink in self.sinks:
+                sink.write(record["step"], scalars)
+
+    def _window_summary(self, step: int) -> list[str]:
+        """Console parts from the steps since the last line: mean loss, tokens/s, elapsed, ETA (and empties it)."""
+        window, self._window = self._window, []
+        if not window:
+            return []
+        losses = [w[0] for w in window if math.isfinite(w[0])]
+        seconds = sum(w[2] for w in window)
+        parts = [f"loss {sum(losses) / len(losses):.4f}" if losses else "loss n/a",
+                 f"{sum(w[1] for w in window) / seconds:,.0f} tok/s" if seconds > 0 else "tok/s n/a"]
+        if self._start is not None:
+            parts.append(f"elapsed {_hms(time.perf_counter() - self._start)}")
+        if self.last_step is not None and step < self.last_step and seconds > 0:
+            parts.append(f"ETA {_hms((self.last_step - step) * seconds / len(window))}")
+        return parts
 
     def log_step(self, *, step: int, loss: float, lr: float, grad_norm: float | None, tokens_per_step: int,
                  step_time_s: float, tokens: int, extra: dict | None = None) -> dict:
@@ -114,13 +158,14 @@ class MetricsLogger(Callback):
             rec.update(extra)
         if self.enabled:
             self._write(rec)
-            parts = [f"step {step}", f"loss {loss:.4f}", f"lr {lr:.3e}",
-                     f"grad_norm {grad_norm:.3f}" if grad_norm is not None else "grad_norm n/a",
-                     f"{tokens_per_s:,.0f} tok/s"]
+            window = self._window_summary(step) or [f"loss {loss:.4f}", f"{tokens_per_s:,.0f} tok/s"]
+            parts = [f"step {step}/{self.last_step}" if self.last_step else f"step {step}", *window[:2],
+                     f"lr {lr:.3e}", f"grad_norm {grad_norm:.3f}" if grad_norm is not None else "grad_norm n/a"]
             if "mfu" in rec:
                 parts.append(f"mfu {100 * rec['mfu']:.1f}%")
             if "mem_peak_gib" in rec:
                 parts.append(f"mem {rec['mem_peak_gib']:.1f} GiB")
+            parts.extend(window[2:])
             for key, value in (extra or {}).items():
                 parts.append(f"{key} {value:.3g}" if isinstance(value, float) else f"{key} {value}")
             logger.info(" | ".join(parts))
@@ -128,10 +173,12 @@ class MetricsLogger(Callback):
 
     def log_resume(self, *, step: int, checkpoint: str) -> dict:
         """Mark that the run resumed from ``checkpoint`` at ``step``: later records supersede earlier records of
-        steps after ``step`` (see :func:`read_metrics`)."""
+        steps after ``step`` (see :func:`read_metrics`), in the sinks as in the file."""
         rec = {"event": RESUME_EVENT, "step": step, "checkpoint": checkpoint}
         if self.enabled:
             self._write(rec)
+            for sink in self.sinks:
+                sink.resume(step)
         return rec
 
     def log_eval(self, *, step: int, val_loss: float) -> dict:
@@ -140,3 +187,9 @@ class MetricsLogger(Callback):
             self._write(rec)
             logger.info(f"step {step} | validation loss {val_loss:.4f} | validation perplexity {rec['val_ppl']:.2f}")
         return rec
+
+
+def _hms(seconds: float) -> str:
+    """``H:MM:SS`` (hours unbounded)."""
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"

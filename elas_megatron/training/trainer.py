@@ -38,7 +38,9 @@ from elas_megatron.training.checkpoint import (RNG_KEY, CheckpointError, Checkpo
 from elas_megatron.training.metrics import MetricsLogger
 from elas_megatron.training.numerics import NumericGuard
 from elas_megatron.training.optimizers import backend_class, build_optimizer_backend, build_scheduler
+from elas_megatron.training.profiling import Profiler
 from elas_megatron.training.signals import StopSignal
+from elas_megatron.training.sinks import build_sinks, check_sinks
 from elas_megatron.training.watchdog import Progress, Watchdog
 from elas_megatron.variants.registry import get_variant
 
@@ -73,6 +75,7 @@ class Trainer:
         from elas_megatron.sparsity.schedule import SparsitySchedule
 
         backend_class(cfg).check_config(cfg)
+        check_sinks(cfg.log)  # a requested sink's package is missing: stop before anything is built
         self.info: ParallelInfo = initialize_parallel(cfg.parallel, seed=cfg.train.seed, device=cfg.train.device)
         validate(cfg, self.info.world_size)
         self.cfg = cfg
@@ -88,8 +91,14 @@ class Trainer:
         self.metrics = MetricsLogger(self.run_dir, enabled=self.info.is_logging_rank,
                                      flops_per_token=flops_per_token(cfg.model, self.vocab_size, t.seq_len),
                                      device=self.device, num_gpus=self.info.world_size, every=cfg.log.every,
-                                     last_step=t.steps)
-        self.callbacks = CallbackList([*callbacks, self.metrics])
+                                     last_step=t.steps,
+                                     sinks=build_sinks(cfg.log, self.run_dir) if self.info.is_logging_rank else ())
+        own: list[Callback] = []
+        if cfg.log.profile_steps or cfg.log.memory_snapshot_step is not None:
+            own.append(Profiler(self.run_dir, rank=self.info.global_rank, device=self.device,
+                                profile_steps=cfg.log.profile_steps,
+                                memory_snapshot_step=cfg.log.memory_snapshot_step))
+        self.callbacks = CallbackList([*callbacks, *own, self.metrics])
         self.ckpt = CheckpointManager(cfg.checkpoint.dir or self.run_dir / "checkpoints",
                                       keep_last=cfg.checkpoint.keep_last, global_rank=self.info.global_rank,
                                       on_phase=self._checkpoint_phase,
@@ -325,7 +334,14 @@ class Trainer:
         return self.step >= self.cfg.train.steps
 
     def train(self) -> float:
-        """Train to ``train.steps``; evaluate and checkpoint on schedule. Returns the final validation loss."""
+        """Train to ``train.steps``; evaluate and checkpoint on schedule. Returns the final validation loss.
+        Calls the callbacks' ``on_train_end`` on the way out, however it ends."""
+        try:
+            return self._train()
+        finally:
+            self.callbacks.on_train_end(self)
+
+    def _train(self) -> float:
         if self.should_stop():
             logger.info("already at step %d of %d: nothing to train", self.step, self.cfg.train.steps)
         watchdog = (Watchdog(self.progress, timeout_s=self.cfg.parallel.distributed_timeout_s, board=self.info.board,

@@ -31,3 +31,15 @@ def test_check_reports_a_stale_file(tmp_path, capsys):
     stale.write_text("old\n")
     assert main(["--check", str(stale)]) == 1
     assert "is stale" in capsys.readouterr().err
+
+
+def test_every_log_option_is_listed_with_its_documentation():
+    from dataclasses import fields
+
+    from elas_megatron.cli.config_table import field_docs
+    from elas_megatron.config.schema import LogConfig
+
+    text, docs = render(), field_docs(LogConfig)
+    for f in fields(LogConfig):
+        assert docs[f.name], f"log.{f.name} has no field docstring"
+        assert f"| `log.{f.name}` |" in text
