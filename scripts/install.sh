@@ -9,11 +9,12 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 PIP="$PY -m pip install --disable-pip-version-check -q"
 
-if ! $PY -c "import torch" >/dev/null 2>&1; then
+# torch is looked up, not imported: importing it before numpy is installed prints "Failed to initialize NumPy"
+if ! $PY -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('torch') is None)" >/dev/null 2>&1; then
     echo "install.sh: no torch found; installing ${TORCH_SPEC:-torch==2.13.0}"
     $PIP "${TORCH_SPEC:-torch==2.13.0}"
 fi
-TORCH_VERSION=$($PY -c "import torch; print(torch.__version__)")
+TORCH_VERSION=$($PY -c "import importlib.metadata as m; print(m.version('torch'))")
 # Pin torch to what is installed so that no dependency can pull another build.
 CONSTRAINTS=$(mktemp); trap 'rm -f "$CONSTRAINTS"' EXIT
 echo "torch==${TORCH_VERSION}" > "$CONSTRAINTS"
