@@ -15,6 +15,8 @@ directory; otherwise (removed by hand, or a re-save of the same step killed betw
 renaming the new one) loading falls back to the newest complete ``step_*`` directory. Old checkpoints are
 renamed out of the ``step_*`` namespace before they are deleted, so a half-deleted one is never loaded.
 Sharded tensors are keyed by global shape, so a checkpoint saved with one TP/PP layout loads into another.
+Before publishing, rank 0 writes ``manifest.json`` (size and sha256 of every other file); every load verifies it and
+vets the pickled parts so that nothing in a checkpoint can run code (:mod:`elas_megatron.training.checkpoint_trust`).
 State that only exists per rank (DeepSpeed ZeRO optimizer partitions, under ``zero/``) is written by every rank
 into the same temporary directory before it is published, so it is covered by the same atomicity.
 
