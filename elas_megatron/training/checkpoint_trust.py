@@ -157,18 +157,19 @@ def _files(step_dir: Path) -> list[str]:
 
 
 def write_manifest(step_dir: str | Path) -> Path:
-    """Write ``manifest.json`` (size and sha256 of every other file) into ``step_dir``, atomically and durably
-    (a temporary file, fsync, ``os.replace``). Called by the publishing rank after every file is written."""
+    """Write ``manifest.json`` (size and sha256 of every other file) into ``step_dir`` and fsync it. Called by the
+    publishing rank after every file is written, into the unpublished temporary directory: the rename that
+    publishes the directory makes the manifest appear atomically with the files it describes (a kill before it
+    leaves a ``.tmp`` directory that no load reads)."""
     step_dir = Path(step_dir)
     files = {rel: {"size": (step_dir / rel).stat().st_size, "sha256": _sha256(step_dir / rel)}
              for rel in _files(step_dir)}
-    tmp = step_dir / f".{MANIFEST}.tmp"
-    with open(tmp, "w") as f:
+    path = step_dir / MANIFEST
+    with open(path, "w") as f:
         json.dump({"format": MANIFEST_FORMAT, "algorithm": "sha256", "files": files}, f, indent=1)
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, step_dir / MANIFEST)
-    return step_dir / MANIFEST
+    return path
 
 
 def verify_manifest(step_dir: str | Path, *, rank: int = 0, world: int = 1) -> bool:
