@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
             batches = StepBatches(valid, global_batch=micro, micro_batch=micro, dp_rank=0, dp_size=1,
                                   device=torch.device(device))
             loss, tokens = evaluate(ckpt.model, batches, iters)
-    except (ConfigError, CheckpointError, FileNotFoundError, KeyError, ValueError, RuntimeError) as exc:
+    except (ConfigError, CheckpointError, OSError, KeyError, ValueError, RuntimeError) as exc:
         print(f"elas-eval: error: {exc}", file=sys.stderr)
         destroy_parallel()
         return 2

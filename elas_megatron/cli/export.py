@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             out = export_torch(state, cfg, ckpt.vocab_size, args.out, sparse24=ckpt.sparse_active, dtype=dtype,
                                extra=provenance)
-    except (ConfigError, CheckpointError, FileNotFoundError, KeyError, ValueError, RuntimeError) as exc:
+    except (ConfigError, CheckpointError, OSError, KeyError, ValueError, RuntimeError) as exc:
         print(f"elas-export: error: {exc}", file=sys.stderr)
         destroy_parallel()
         return 2

@@ -34,14 +34,17 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
     Raises:
         FileNotFoundError: nothing checkpoint-like at ``path`` (the message says what was looked for).
+        CheckpointError: a ``latest`` pointer names something other than a ``step_*`` directory next to it.
     """
+    from elas_megatron.training.checkpoint_trust import resolve_latest
+
     p = Path(path)
     if (p / META).is_file():
         return p
     for directory in (p, p / "checkpoints"):
         pointer = directory / "latest"
         if pointer.is_file():
-            step_dir = directory / pointer.read_text().strip()
+            step_dir = resolve_latest(directory)  # CheckpointError for a pointer out of the directory
             if (step_dir / META).is_file():
                 return step_dir
             raise FileNotFoundError(f"{pointer} names {step_dir.name}, which is not a complete checkpoint (no {META})")
@@ -99,8 +102,6 @@ def load_checkpoint(path: str | Path, *, device: str = "cpu") -> LoadedCheckpoin
         path: a step directory, a checkpoint directory or a run directory (:func:`resolve_checkpoint`).
         device: ``"cpu"`` or ``"cuda"``; a single-process gloo/NCCL world is initialised if none exists.
     """
-    from megatron.core import dist_checkpointing
-
     from elas_megatron.models.gpt import build_model
     from elas_megatron.sparsity.schedule import SparsitySchedule
     from elas_megatron.training.checkpoint import CheckpointManager
@@ -111,7 +112,8 @@ def load_checkpoint(path: str | Path, *, device: str = "cpu") -> LoadedCheckpoin
     vocab_size = int(meta["vocab_size"])
     _ensure_single_process(device)
     model = build_model(single_process_config(cfg, device=device), vocab_size=vocab_size)
-    loaded = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(step_dir))
+    # verified against its manifest and vetted (nothing pickled may run code) before megatron reads it
+    loaded = CheckpointManager.load(step_dir, {"model": model.sharded_state_dict()})
     model.load_state_dict(loaded["model"])
     model.eval()
     step = int(meta.get("step", 0))

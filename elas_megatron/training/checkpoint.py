@@ -15,6 +15,8 @@ directory; otherwise (removed by hand, or a re-save of the same step killed betw
 renaming the new one) loading falls back to the newest complete ``step_*`` directory. Old checkpoints are
 renamed out of the ``step_*`` namespace before they are deleted, so a half-deleted one is never loaded.
 Sharded tensors are keyed by global shape, so a checkpoint saved with one TP/PP layout loads into another.
+Before publishing, rank 0 writes ``manifest.json`` (size and sha256 of every other file); every load verifies it and
+vets the pickled parts so that nothing in a checkpoint can run code (:mod:`elas_megatron.training.checkpoint_trust`).
 State that only exists per rank (DeepSpeed ZeRO optimizer partitions, under ``zero/``) is written by every rank
 into the same temporary directory before it is published, so it is covered by the same atomicity.
 
@@ -55,15 +57,15 @@ import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.api import CheckpointException
 
+from elas_megatron.training.checkpoint_trust import (read_json, resolve_latest, verify_manifest, vet_checkpoint,
+                                                     write_manifest)
+from elas_megatron.utils.errors import CheckpointError
+
 logger = logging.getLogger(__name__)
 
 META = "elas_meta.json"
 SPACE_MARGIN = 1.1
 """A save is refused up front when the free space is below this factor times the previous checkpoint's size."""
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint cannot be written or does not fit this run; the message says which and why."""
 
 
 def _barrier() -> None:
@@ -202,10 +204,9 @@ class CheckpointManager:
     def latest(self) -> Path | None:
         """The checkpoint ``latest`` names, else the newest complete one (with a warning), else None."""
         pointer = self.dir / "latest"
-        if pointer.is_file():
-            path = self.dir / pointer.read_text().strip()
-            if (path / META).is_file():
-                return path
+        path = resolve_latest(self.dir)  # refuses a pointer out of the directory
+        if path is not None and (path / META).is_file():
+            return path
         steps = self.complete_steps()
         if pointer.is_file() or steps:
             logger.warning("%s %s; using the newest complete checkpoint: %s", pointer,
@@ -218,7 +219,11 @@ class CheckpointManager:
         meta = Path(path) / META
         if not meta.is_file():
             raise CheckpointError(f"{path} is not a complete elas-megatron checkpoint (no {META})")
-        return json.loads(meta.read_text())
+        value = read_json(meta)
+        if not isinstance(value.get("config"), dict):
+            raise CheckpointError(f"{meta}: no 'config' object; the file is damaged (resume from an older step_* "
+                                  "directory)")
+        return value
 
     def check_writable(self) -> None:
         """Collective, at start-up: create the directory and write a probe file, so that a bad ``checkpoint.dir``
@@ -380,6 +385,7 @@ class CheckpointManager:
 
     def _publish(self, tmp: Path, final: Path, meta: dict) -> None:
         (tmp / META).write_text(json.dumps(meta, indent=1))
+        write_manifest(tmp)  # last: the sizes and sha256 of every file above
         for path in tmp.rglob("*"):  # durable before visible: a node crash must not publish empty files
             _fsync(path)
         _fsync(tmp)
@@ -406,6 +412,23 @@ class CheckpointManager:
                 shutil.rmtree(trash, ignore_errors=True)
 
     @staticmethod
+    def verify(path: str | Path) -> bool:
+        """Compare the files of the step directory ``path`` with its manifest; collective (the ranks share the
+        hashing). Returns False for a checkpoint without a manifest (older version; a warning says it is unverified).
+
+        Raises:
+            CheckpointError: on every rank, naming the file that is missing or differs, and the way out.
+        """
+        rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+        error, verified = None, False
+        try:
+            verified = verify_manifest(path, rank=rank, world=world)
+        except CheckpointError as exc:
+            error = str(exc)
+        _agree(error, "checkpoint refused")
+        return verified
+
+    @staticmethod
     def load(path: str | Path, sharded_state_dict: dict) -> dict:
         """Load ``sharded_state_dict`` from the step directory ``path``.
 
@@ -415,6 +438,13 @@ class CheckpointManager:
         from megatron.core import dist_checkpointing
 
         path = Path(path)
+        CheckpointManager.verify(path)
+        error = None
+        try:
+            vet_checkpoint(path)  # nothing pickled in it may run code: refused before megatron reads it
+        except CheckpointError as exc:
+            error = str(exc)
+        _agree(error, "checkpoint refused")
         try:
             return dist_checkpointing.load(sharded_state_dict, str(path))
         except (Exception, CheckpointException) as exc:  # torch/megatron raise many kinds here

@@ -7,8 +7,14 @@ components sit below :mod:`elas_megatron.config`, which composes their settings;
 """
 from __future__ import annotations
 
-__all__ = ["ConfigError"]
+__all__ = ["CheckpointError", "ConfigError"]
 
 
 class ConfigError(ValueError):
     """A configuration value is wrong; the message names the key, the value and the fix."""
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be written, does not fit this run, or is refused on load (damaged, not verifiable, or
+    holding something other than data); the message names the file and the fix. Re-exported by
+    :mod:`elas_megatron.training.checkpoint`."""

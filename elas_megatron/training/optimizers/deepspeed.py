@@ -286,7 +286,7 @@ class DeepSpeedZeRO:
         if not path.is_file():
             raise CheckpointError(f"{path} is missing: the checkpoint holds no DeepSpeed ZeRO state for this rank "
                                   "(saved with parallel.optimizer=megatron or another layout)")
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = _load_zero_state(path)
         if state["zero_stage"] != self.stage:
             raise CheckpointError(f"{path} holds ZeRO-{state['zero_stage']} state but parallel.zero_stage="
                                   f"{self.stage}; resume with the stage it was saved with")
@@ -324,6 +324,30 @@ class DeepSpeedZeRO:
         for hook in self._tp_hooks:
             hook.remove()
         self._tp_hooks = []
+
+
+def _zero_state_globals() -> list:
+    """The DeepSpeed classes a ZeRO optimizer ``state_dict`` holds besides tensors and containers: plain records
+    (a loss scaler's scale and flags, the ZeRO stage enum, a fragment's offset and size) whose unpickling only sets
+    attributes or looks up an enum member."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+def _load_zero_state(path: Path) -> dict:
+    """``torch.load(weights_only=True)`` of a rank's ZeRO state, with only :func:`_zero_state_globals` added (for
+    this load, not process-wide); anything else in the file is refused with one line naming it."""
+    from elas_megatron.training.checkpoint_trust import torch_load_plain
+
+    with torch.serialization.safe_globals(_zero_state_globals()):
+        state = torch_load_plain(path, path)
+    if not isinstance(state, dict) or "zero_stage" not in state or "optimizer" not in state:
+        raise CheckpointError(f"{path}: not a ZeRO state file written by elas-megatron (no zero_stage/optimizer); "
+                              "resume from an older checkpoint")
+    return state
 
 
 def _quiet_deepspeed_cpu_logging() -> None:
