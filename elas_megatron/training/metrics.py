@@ -29,6 +29,7 @@ import torch
 
 from elas_megatron.training.callbacks import Callback
 from elas_megatron.training.sinks import MetricSink, sink_scalars
+from elas_megatron.utils.progress import hms as _hms
 
 logger = logging.getLogger(__name__)
 
@@ -215,8 +216,3 @@ class MetricsLogger(Callback):
             logger.info(f"step {step} | validation loss {val_loss:.4f} | validation perplexity {rec['val_ppl']:.2f}")
         return rec
 
-
-def _hms(seconds: float) -> str:
-    """``H:MM:SS`` (hours unbounded)."""
-    seconds = int(round(seconds))
-    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
