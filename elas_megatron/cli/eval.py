@@ -6,7 +6,9 @@ Without ``--data`` it evaluates the run's own validation set (``data.valid_prefi
 ``data.split``); by default the same ``train.eval_iters x dp`` micro-batches the trainer's validation used, so
 the number matches the last ``val_loss`` logged at that step. ``--data`` takes Megatron indexed-dataset
 prefixes (``elas-prep`` output) of a held-out set; ``--iters 0`` evaluates every sample of it once.
-Prints one line (loss, perplexity, tokens); ``--json PATH`` also writes them. Errors: one line, exit code 2.
+Prints one line (loss, perplexity, tokens); ``--json PATH`` also writes them. An evaluation longer than 10 s shows
+its progress (a bar on a terminal, else a line every tenth: ``eval 120/862 batches (13%), elapsed 0:01:20, ETA
+0:08:15``). Errors: one line, exit code 2.
 """
 from __future__ import annotations
 
@@ -20,17 +22,21 @@ from pathlib import Path
 
 
 def evaluate(model, batches, num_microbatches: int) -> tuple[float, int]:
-    """Token-weighted mean loss of ``model`` over ``num_microbatches`` of ``batches.eval_iterator``."""
+    """Token-weighted mean loss of ``model`` over ``num_microbatches`` of ``batches.eval_iterator``; shows progress
+    when it takes long (:class:`~elas_megatron.utils.progress.ProgressMeter`)."""
     import torch
+
+    from elas_megatron.utils.progress import ProgressMeter
 
     loss_sum = torch.zeros((), dtype=torch.float64)
     tokens = torch.zeros((), dtype=torch.float64)
-    with torch.no_grad():
+    with torch.no_grad(), ProgressMeter(num_microbatches, "eval", "batches") as progress:
         for batch in batches.eval_iterator(num_microbatches):
             losses = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])   # [b, s]
             mask = batch["loss_mask"]
             loss_sum += (losses.float() * mask).sum().double().cpu()
             tokens += mask.sum().double().cpu()
+            progress.update()
     return (loss_sum / tokens).item(), int(tokens.item())
 
 

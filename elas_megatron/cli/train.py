@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None, callbacks=()) -> int:
     overrides = [a for a in args.args if "=" in a]
 
     from elas_megatron.config import ConfigError, load_config
-    from elas_megatron.utils.logging import init_logging
+    from elas_megatron.utils.logging import init_logging, log_to_file_only
 
     rank = int(os.environ.get("RANK", 0))
     init_logging(rank=rank)
@@ -94,7 +94,14 @@ def main(argv: list[str] | None = None, callbacks=()) -> int:
     except ConfigError as exc:
         print(f"elas-train: config error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-    init_logging(cfg.log.level, rank=rank)
+    # every rank: RUN_DIR/logs/rank{R}.log (rank 0 also on the console, other ranks' warnings too)
+    init_logging(cfg.log.level, rank=rank, log_dir=os.path.join(cfg.train.run_dir, "logs"))
+
+    def fail(line: str, code: int) -> int:
+        print(line, file=sys.stderr)
+        log_to_file_only(line)
+        destroy_parallel()
+        return code
 
     from elas_megatron.parallel.setup import destroy_parallel
     from elas_megatron.training.checkpoint import CheckpointError
@@ -105,13 +112,14 @@ def main(argv: list[str] | None = None, callbacks=()) -> int:
         trainer = Trainer(cfg, resume=args.resume, callbacks=callbacks)
         val_loss = trainer.train()
     except (ConfigError, CheckpointError, FileNotFoundError, ValueError) as exc:
-        print(f"elas-train: error: {exc}", file=sys.stderr)
-        destroy_parallel()
-        return EXIT_CONFIG
+        return fail(f"elas-train: error: {exc}", EXIT_CONFIG)
     except NumericalError as exc:
-        print(f"elas-train: numerical error: {exc}", file=sys.stderr)
-        destroy_parallel()
-        return EXIT_NUMERICAL
+        return fail(f"elas-train: numerical error: {exc}", EXIT_NUMERICAL)
+    except BaseException:  # the traceback of anything else goes to the rank's log file too
+        import traceback
+
+        log_to_file_only(traceback.format_exc().rstrip())
+        raise
     if trainer.info.is_logging_rank:
         import math
 

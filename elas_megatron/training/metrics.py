@@ -4,10 +4,11 @@ The trainer drives :class:`MetricsLogger` as one of its callbacks (:mod:`elas_me
 record every ``log.every`` steps and at the last step, one per evaluation, one per resume.
 
 Keys are flat and stable because scripts and plots read them: ``step``, ``loss``, ``lr``, ``grad_norm``,
-``tokens_per_s``, ``step_time_s``, ``tokens`` (consumed so far), and on CUDA ``mfu`` and ``mem_peak_gib``;
-evaluation records carry ``val_loss`` and ``val_ppl``. Only the logging rank writes. The JSONL holds each step's
-own values; the console line averages loss and tokens/s over the steps since the previous line (``log.every``) and
-shows ``step N/M``, elapsed time and an ETA from that interval's step time.
+``tokens_per_s``, ``step_time_s``, ``tokens`` (consumed so far), and on CUDA ``mfu`` and ``mem_peak_gib`` (the
+peak allocated memory during that step); evaluation records carry ``val_loss`` and ``val_ppl``. Only the logging
+rank writes. The JSONL holds each step's own values; the console line summarises the steps since the previous line
+(``log.every``): mean loss, tokens/s (their tokens over their time), MFU from that tokens/s, the highest memory peak
+of those steps, ``step N/M``, elapsed time and an ETA from that interval's step time.
 
 Metric sinks (:mod:`elas_megatron.training.sinks`, e.g. TensorBoard with ``log.tensorboard``) receive every step and
 evaluation record written here, under slash-namespaced names.
@@ -28,6 +29,7 @@ import torch
 
 from elas_megatron.training.callbacks import Callback
 from elas_megatron.training.sinks import MetricSink, sink_scalars
+from elas_megatron.utils.progress import hms as _hms
 
 logger = logging.getLogger(__name__)
 
@@ -85,7 +87,8 @@ class MetricsLogger(Callback):
         self.last_step = last_step
         self.sinks = list(sinks) if enabled else []
         self._start: float | None = None  # perf_counter at the first step of this process
-        self._window: list[tuple[float, int, float]] = []  # (loss, tokens, seconds) of the steps since the last line
+        # (loss, tokens, seconds, memory peak GiB or None) of the steps since the last console line
+        self._window: list[tuple[float, int, float, float | None]] = []
         self.flops_per_token = flops_per_token
         self.device = device
         peak = peak_flops(device)
@@ -98,9 +101,12 @@ class MetricsLogger(Callback):
     def on_step_begin(self, trainer, step: int) -> None:
         if self._start is None:
             self._start = time.perf_counter()
+        if self.device.type == "cuda":  # mem_peak_gib: this step's own peak
+            torch.cuda.reset_peak_memory_stats(self.device)
 
     def on_step_end(self, trainer, step: int, metrics: dict) -> None:
-        self._window.append((metrics["loss"], metrics["tokens_per_step"], metrics["step_time_s"]))
+        self._window.append((metrics["loss"], metrics["tokens_per_step"], metrics["step_time_s"],
+                             self._memory_peak_gib()))
         if step % self.every == 0 or step == self.last_step:
             self.log_step(step=step, **metrics)
         elif (metrics.get("extra") or {}).get("sparsity/act_density") is not None:
@@ -129,19 +135,38 @@ class MetricsLogger(Callback):
             for sink in self.sinks:
                 sink.write(record["step"], scalars)
 
-    def _window_summary(self, step: int) -> list[str]:
-        """Console parts from the steps since the last line: mean loss, tokens/s, elapsed, ETA (and empties it)."""
+    def _memory_peak_gib(self) -> float | None:
+        """Peak allocated memory (GiB) since the current step began; None off CUDA."""
+        if self.device.type != "cuda":
+            return None
+        return torch.cuda.max_memory_allocated(self.device) / 2**30
+
+    def _mfu(self, tokens_per_s: float) -> float | None:
+        if not (self.peak_total and self.flops_per_token) or not math.isfinite(tokens_per_s):
+            return None
+        return tokens_per_s * self.flops_per_token / self.peak_total
+
+    def _window_summary(self, step: int) -> dict[str, str]:
+        """Console parts from the steps since the last line (and empties it): ``loss`` (mean), ``tok/s`` (their
+        tokens over their time), ``mfu`` (from that tokens/s), ``mem`` (their highest peak), ``elapsed``, ``ETA``."""
         window, self._window = self._window, []
         if not window:
-            return []
+            return {}
         losses = [w[0] for w in window if math.isfinite(w[0])]
         seconds = sum(w[2] for w in window)
-        parts = [f"loss {sum(losses) / len(losses):.4f}" if losses else "loss n/a",
-                 f"{sum(w[1] for w in window) / seconds:,.0f} tok/s" if seconds > 0 else "tok/s n/a"]
+        tokens_per_s = sum(w[1] for w in window) / seconds if seconds > 0 else float("nan")
+        parts = {"loss": f"loss {sum(losses) / len(losses):.4f}" if losses else "loss n/a",
+                 "tok/s": f"{tokens_per_s:,.0f} tok/s" if seconds > 0 else "tok/s n/a"}
+        mfu = self._mfu(tokens_per_s)
+        if mfu is not None:
+            parts["mfu"] = f"mfu {100 * mfu:.1f}%"
+        peaks = [w[3] for w in window if w[3] is not None]
+        if peaks:
+            parts["mem"] = f"mem {max(peaks):.1f} GiB"
         if self._start is not None:
-            parts.append(f"elapsed {_hms(time.perf_counter() - self._start)}")
+            parts["elapsed"] = f"elapsed {_hms(time.perf_counter() - self._start)}"
         if self.last_step is not None and step < self.last_step and seconds > 0:
-            parts.append(f"ETA {_hms((self.last_step - step) * seconds / len(window))}")
+            parts["ETA"] = f"ETA {_hms((self.last_step - step) * seconds / len(window))}"
         return parts
 
     def log_step(self, *, step: int, loss: float, lr: float, grad_norm: float | None, tokens_per_step: int,
@@ -150,22 +175,25 @@ class MetricsLogger(Callback):
         rec = {"step": step, "loss": loss, "lr": lr,
                "grad_norm": grad_norm if grad_norm is None or math.isfinite(grad_norm) else str(grad_norm),
                "tokens_per_s": tokens_per_s, "step_time_s": step_time_s, "tokens": tokens}
-        if self.device.type == "cuda":
-            rec["mem_peak_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
-            if self.peak_total and self.flops_per_token:
-                rec["mfu"] = tokens_per_s * self.flops_per_token / self.peak_total
+        mem = self._memory_peak_gib()
+        if mem is not None:
+            rec["mem_peak_gib"] = mem
+        mfu = self._mfu(tokens_per_s)
+        if mfu is not None:
+            rec["mfu"] = mfu
         if extra:
             rec.update(extra)
         if self.enabled:
             self._write(rec)
-            window = self._window_summary(step) or [f"loss {loss:.4f}", f"{tokens_per_s:,.0f} tok/s"]
-            parts = [f"step {step}/{self.last_step}" if self.last_step else f"step {step}", *window[:2],
-                     f"lr {lr:.3e}", f"grad_norm {grad_norm:.3f}" if grad_norm is not None else "grad_norm n/a"]
-            if "mfu" in rec:
-                parts.append(f"mfu {100 * rec['mfu']:.1f}%")
-            if "mem_peak_gib" in rec:
-                parts.append(f"mem {rec['mem_peak_gib']:.1f} GiB")
-            parts.extend(window[2:])
+            # the interval's values; a record logged outside the callbacks (no window) shows its own
+            window = self._window_summary(step) or {
+                "loss": f"loss {loss:.4f}", "tok/s": f"{tokens_per_s:,.0f} tok/s",
+                **({"mfu": f"mfu {100 * mfu:.1f}%"} if mfu is not None else {}),
+                **({"mem": f"mem {mem:.1f} GiB"} if mem is not None else {})}
+            parts = [f"step {step}/{self.last_step}" if self.last_step else f"step {step}", window["loss"],
+                     window["tok/s"], f"lr {lr:.3e}",
+                     f"grad_norm {grad_norm:.3f}" if grad_norm is not None else "grad_norm n/a"]
+            parts.extend(window[k] for k in ("mfu", "mem", "elapsed", "ETA") if k in window)
             for key, value in (extra or {}).items():
                 parts.append(f"{key} {value:.3g}" if isinstance(value, float) else f"{key} {value}")
             logger.info(" | ".join(parts))
@@ -188,8 +216,3 @@ class MetricsLogger(Callback):
             logger.info(f"step {step} | validation loss {val_loss:.4f} | validation perplexity {rec['val_ppl']:.2f}")
         return rec
 
-
-def _hms(seconds: float) -> str:
-    """``H:MM:SS`` (hours unbounded)."""
-    seconds = int(round(seconds))
-    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"

@@ -42,6 +42,7 @@ from elas_megatron.training.profiling import Profiler
 from elas_megatron.training.signals import StopSignal
 from elas_megatron.training.sinks import build_sinks, check_sinks
 from elas_megatron.training.watchdog import Progress, Watchdog
+from elas_megatron.utils.progress import ProgressMeter
 from elas_megatron.variants.registry import get_variant
 
 logger = logging.getLogger(__name__)
@@ -52,6 +53,13 @@ def resolve_bf16(cfg: Config, device: torch.device) -> bool:
     if cfg.train.dtype == "bf16" and device.type == "cpu":
         logger.warning("train.dtype=bf16 on CPU: correct but slow; meant for testing the bf16 code path")
     return cfg.train.dtype == "bf16" or (cfg.train.dtype == "auto" and device.type == "cuda")
+
+
+def _counted(iterator, progress: ProgressMeter):
+    """``iterator``'s items, counting each in ``progress``."""
+    for item in iterator:
+        progress.update()
+        yield item
 
 
 class Trainer:
@@ -311,14 +319,18 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> float:
-        """Mean validation loss over ``train.eval_iters`` fixed micro-batches per DP rank."""
+        """Mean validation loss over ``train.eval_iters`` fixed micro-batches per DP rank (progress shown on the
+        logging rank when it takes long: :class:`~elas_megatron.utils.progress.ProgressMeter`)."""
         for chunk in self.model:
             chunk.eval()
+        n = self.cfg.train.eval_iters
+        progress = ProgressMeter(n, "eval", "batches", enabled=self.info.is_logging_rank)
         try:
-            n = self.cfg.train.eval_iters
-            loss = self._run_schedule([self.valid_batches.eval_iterator(n) for _ in self.model], n,
-                                      forward_only=True)
+            iterators = [self.valid_batches.eval_iterator(n) for _ in self.model]
+            iterators[-1] = _counted(iterators[-1], progress)  # the last chunk's batches: the loss's
+            loss = self._run_schedule(iterators, n, forward_only=True)
         finally:
+            progress.close()
             for chunk in self.model:
                 chunk.train()
         self.last_val_loss = loss

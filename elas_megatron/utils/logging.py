@@ -1,19 +1,51 @@
-"""Logging set-up for entry points: one formatted root logger, quiet on non-logging ranks."""
+"""Logging set-up for entry points: one formatted root logger, quiet on non-logging ranks, and per-rank log files."""
 from __future__ import annotations
 
 import logging
 import warnings
+from pathlib import Path
+
+_FORMAT = "%(asctime)s [rank{rank}] %(levelname)s %(name)s: %(message)s"
+_FILE_FORMAT = "%(asctime)s.%(msecs)03d [rank{rank}] %(levelname)s %(name)s: %(message)s"
 
 
-def init_logging(level: str = "info", *, rank: int = 0, verbose_ranks: bool = False) -> None:
-    """Configure the root logger; ranks other than 0 only report warnings unless ``verbose_ranks``."""
+def rank_log_path(log_dir: str | Path, rank: int) -> Path:
+    """``{log_dir}/rank{rank}.log``."""
+    return Path(log_dir) / f"rank{rank}.log"
+
+
+def init_logging(level: str = "info", *, rank: int = 0, verbose_ranks: bool = False,
+                 log_dir: str | Path | None = None) -> None:
+    """Configure the root logger; ranks other than 0 only report warnings on the console unless ``verbose_ranks``.
+
+    With ``log_dir`` every rank also appends everything at ``level`` (for all ranks alike) to
+    ``{log_dir}/rank{rank}.log`` (:func:`rank_log_path`), dated to the millisecond, so each rank of a multi-node
+    run can be read on its own.
+    """
     lvl = getattr(logging, level.upper())
-    if rank != 0 and not verbose_ranks:
-        lvl = max(lvl, logging.WARNING)
-    logging.basicConfig(level=lvl, format=f"%(asctime)s [rank{rank}] %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S", force=True)
+    console_lvl = lvl if rank == 0 or verbose_ranks else max(lvl, logging.WARNING)
+    console = logging.StreamHandler()
+    console.setLevel(console_lvl)
+    console.setFormatter(logging.Formatter(_FORMAT.format(rank=rank), datefmt="%H:%M:%S"))
+    handlers: list[logging.Handler] = [console]
+    if log_dir is not None:
+        path = rank_log_path(log_dir, rank)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        file = logging.FileHandler(path, mode="a", encoding="utf-8")
+        file.setLevel(lvl)
+        file.setFormatter(logging.Formatter(_FILE_FORMAT.format(rank=rank), datefmt="%Y-%m-%d %H:%M:%S"))
+        handlers.append(file)
+    logging.basicConfig(level=lvl if log_dir is not None else console_lvl, handlers=handlers, force=True)
     # Megatron-Core logs every bucket and parameter at INFO: keep it to warnings unless debugging.
     logging.getLogger("megatron").setLevel(logging.DEBUG if lvl == logging.DEBUG else logging.WARNING)
     # Megatron-Core's import-time notices about optional fused kernels are noise for our users.
     for pattern in ("Transformer Engine and Apex are not installed", "Apex is not installed"):
         warnings.filterwarnings("ignore", message=pattern)
+
+
+def log_to_file_only(message: str, level: int = logging.ERROR) -> None:
+    """Write ``message`` to this process's rank log file(s) only (for lines the entry point prints itself)."""
+    record = logging.LogRecord("elas_megatron", level, __file__, 0, message, None, None)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler) and record.levelno >= handler.level:
+            handler.handle(record)

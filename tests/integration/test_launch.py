@@ -1,7 +1,7 @@
 """Two "nodes" on one machine: launch/torchrun.sh --nnodes 2 twice on localhost (c10d rendezvous, gloo).
 
 The model is split over the two nodes as a 2-stage pipeline. Its losses must match a single-process run of the
-same config, and its checkpoint (saved at PP=2) must load into one process: ``elas-eval`` reproduces the
+same config, each rank leaves its log in RUN_DIR/logs/rank{R}.log, and its checkpoint (saved at PP=2) must load into one process: ``elas-eval`` reproduces the
 validation loss the pipelined run logged, and ``elas-export`` gives the single-process run's logits.
 """
 from __future__ import annotations
@@ -59,6 +59,11 @@ def test_two_node_pipeline_matches_one_process_and_its_checkpoint_exports(tmp_pa
     for node, out in zip(nodes, outputs, strict=True):
         assert node.returncode == 0, out[-3000:]
     assert "world 2 = dp 1 x tp 1 x pp 2" in outputs[0] and "memory/GPU" not in outputs[1]
+    # each rank's own log: rank 1 (the last stage) logged the steps the console of its node does not show
+    logs = two_node / "logs"
+    assert sorted(p.name for p in logs.iterdir()) == ["rank0.log", "rank1.log"]
+    assert "saved checkpoint" in (logs / "rank0.log").read_text()
+    assert "step 3/3 | loss" in (logs / "rank1.log").read_text()
 
     one = tmp_path / "one_process"
     assert train_main([*CONFIG, f"train.run_dir={one}"]) == 0

@@ -90,6 +90,23 @@ def test_console_averages_the_interval_and_sinks_get_the_jsonl_record(tmp_path, 
     assert sink.closed
 
 
+def test_console_mfu_and_memory_cover_the_interval_and_the_file_keeps_each_step(tmp_path, caplog, monkeypatch):
+    log = MetricsLogger(tmp_path, enabled=True, flops_per_token=1e9, device=torch.device("cpu"), num_gpus=1,
+                        every=2, last_step=4)
+    log.peak_total = 1e12  # as on a GPU of 1 TFLOP/s
+    peak = {1: 7.0, 2: 3.0}  # each step's own memory peak (GiB)
+    caplog.set_level(logging.INFO, logger="elas_megatron.training.metrics")
+    for step, secs in enumerate([1.0, 3.0], start=1):
+        monkeypatch.setattr(log, "_memory_peak_gib", lambda step=step: peak[step])
+        log.on_step_begin(None, step)
+        log.on_step_end(None, step, _metrics(2.0, secs))
+    line = caplog.messages[-1]
+    # 2000 tokens in 4 s = 500 tok/s -> 500 * 1e9 / 1e12 = 50 %; the interval's peak is step 1's 7 GiB
+    assert "| 500 tok/s |" in line and "| mfu 50.0% | mem 7.0 GiB |" in line
+    record = json.loads((tmp_path / "metrics.jsonl").read_text())
+    assert record["mfu"] == pytest.approx(1000 / 3 * 1e9 / 1e12) and record["mem_peak_gib"] == 3.0  # step 2's own
+
+
 def test_sink_names_are_slash_namespaced():
     scalars = sink_scalars({"step": 3, "loss": 2.5, "mfu": 0.4, "mem_peak_gib": 12.0, "grad_norm": "inf",
                             "sparse24": True, "sparsity/act_density": 0.49, "skipped_steps": 1})
