@@ -39,6 +39,7 @@ from elas_megatron.training.metrics import MetricsLogger
 from elas_megatron.training.numerics import NumericGuard
 from elas_megatron.training.optimizers import backend_class, build_optimizer_backend, build_scheduler
 from elas_megatron.training.profiling import Profiler
+from elas_megatron.training.run_dir import prepare_run_dir
 from elas_megatron.training.signals import StopSignal
 from elas_megatron.training.sinks import build_sinks, check_sinks
 from elas_megatron.training.watchdog import Progress, Watchdog
@@ -84,9 +85,9 @@ class Trainer:
         self.bf16 = resolve_bf16(cfg, self.device)
         self.vocab_size = self._resolve_vocab_size(datasets is not None)
         self.run_dir = Path(cfg.train.run_dir)
-        if self.info.global_rank == 0:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            dump_config(cfg, self.run_dir / "config.yaml")
+        # one job per run directory: rank 0 locks it before anything is written there; all ranks stop if it cannot
+        self.run_lock = prepare_run_dir(self.run_dir, is_owner=self.info.global_rank == 0,
+                                        then=lambda d: dump_config(cfg, d / "config.yaml"))
         t = cfg.train
         self.metrics = MetricsLogger(self.run_dir, enabled=self.info.is_logging_rank,
                                      flops_per_token=flops_per_token(cfg.model, self.vocab_size, t.seq_len),
