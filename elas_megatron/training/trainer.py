@@ -133,8 +133,10 @@ class Trainer:
         self._microbatch: int | None = None  # index of the next training micro-batch within a step
         self._num_microbatches = 0
         self.last_val_loss: float | None = None
-        if resume:
-            self.load_latest()
+        if not (resume and self.load_latest()):
+            # a run from scratch marks it too: records of an earlier attempt in this run_dir (killed before its
+            # first checkpoint) are superseded (metrics.read_metrics)
+            self.metrics.log_resume(step=self.step, checkpoint=None)
 
     # ----------------------------------------------------------------------------------------------- build
     def _resolve_vocab_size(self, have_datasets: bool) -> int:
