@@ -11,7 +11,8 @@ Runs as-is under torchrun (it reads RANK/WORLD_SIZE/LOCAL_RANK). Exit codes, eac
 
 * 0 -- trained to ``train.steps``, or stopped by SIGTERM/SIGUSR1 after saving a checkpoint (rerun with --resume);
 * 2 -- ``elas-train: config error: ...`` / ``elas-train: error: ...``: a bad config, layout, data path or
-  checkpoint (docs/reliability.md says what to do for each);
+  checkpoint, or a ``train.run_dir`` that cannot be written or is in use by another job (docs/reliability.md says
+  what to do for each);
 * 3 -- ``elas-train: numerical error: ...``: NaN/Inf or a loss spike beyond ``train.max_skipped_steps``, naming the
   step, rank(s) and layer; resume from the last checkpoint with a lower ``optim.lr`` or a larger skip budget;
 * 124 -- a rank made no progress for ``parallel.distributed_timeout_s`` (the line names the stuck rank(s)).

@@ -10,7 +10,8 @@ Reliability (docs/reliability.md): every step passes :class:`~elas_megatron.trai
 the optimizer runs (rank-agreed NaN/Inf and loss-spike detection, bounded skipping); multi-process training runs
 under a :class:`~elas_megatron.training.watchdog.Watchdog` that names stuck ranks; checkpoints are atomic and
 their failures collective (:mod:`elas_megatron.training.checkpoint`), optionally written in the background
-(``checkpoint.async_save``), and hold every rank's RNG states. ``train()`` decides to stop in one place,
+(``checkpoint.async_save``), and hold every rank's RNG states. One job per run directory: rank 0 locks
+``train.run_dir`` before writing there (:mod:`elas_megatron.training.run_dir`), and every rank stops if it cannot. ``train()`` decides to stop in one place,
 :meth:`Trainer.should_stop`.
 
 Hooks (:mod:`elas_megatron.training.callbacks`): ``Trainer(cfg, callbacks=[...])`` calls each callback at fixed
