@@ -38,13 +38,15 @@ class RunDirLock:
     """An exclusive ``flock`` on ``{run_dir}/.lock``, held while this object (or the process) lives.
 
     :meth:`acquire` in a process that already holds the lock of that directory returns the held lock (one
-    process is one job: several trainers of one program may share a directory, one after the other).
+    process is one job: several trainers of one program may share a directory, one after the other); it is
+    released when :meth:`release` was called once per :meth:`acquire`, or when the process ends.
     """
 
     _held: dict[str, RunDirLock] = {}
 
     def __init__(self, path: Path, fd: int) -> None:
         self.path, self.fd = path, fd
+        self.holders = 1
 
     @classmethod
     def acquire(cls, run_dir: str | Path) -> RunDirLock:
@@ -54,6 +56,7 @@ class RunDirLock:
         path = run_dir / LOCK_NAME
         key = os.path.realpath(path)
         if key in cls._held:
+            cls._held[key].holders += 1
             return cls._held[key]
         try:
             run_dir.mkdir(parents=True, exist_ok=True)
@@ -87,8 +90,10 @@ class RunDirLock:
         return lock
 
     def release(self) -> None:
-        """Unlock and close (also done by the kernel when the process ends)."""
-        if self.fd < 0:
+        """Unlock and close once every :meth:`acquire` of this process released (also done by the kernel when
+        the process ends)."""
+        self.holders -= 1
+        if self.fd < 0 or self.holders > 0:
             return
         RunDirLock._held.pop(os.path.realpath(self.path), None)
         try:
@@ -131,6 +136,9 @@ def prepare_run_dir(run_dir: str | Path, *, is_owner: bool,
         except OSError as exc:
             error = f"cannot write into train.run_dir={run_dir}: {_oneline(exc)}; choose a writable directory " \
                     "with free space"
+        if error and lock is not None:
+            lock.release()
+            lock = None
     if dist.is_initialized() and dist.get_world_size() > 1:
         errors = [None] * dist.get_world_size()
         dist.all_gather_object(errors, error)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import time
+import weakref
 from contextlib import nullcontext
 from functools import partial
 from pathlib import Path
@@ -89,6 +90,8 @@ class Trainer:
         # one job per run directory: rank 0 locks it before anything is written there; all ranks stop if it cannot
         self.run_lock = prepare_run_dir(self.run_dir, is_owner=self.info.global_rank == 0,
                                         then=lambda d: dump_config(cfg, d / "config.yaml"))
+        if self.run_lock is not None:  # held while this trainer lives (in-process programs build many)
+            weakref.finalize(self, self.run_lock.release)
         t = cfg.train
         self.metrics = MetricsLogger(self.run_dir, enabled=self.info.is_logging_rank,
                                      flops_per_token=flops_per_token(cfg.model, self.vocab_size, t.seq_len),

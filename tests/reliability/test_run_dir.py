@@ -125,3 +125,22 @@ def test_kill_before_the_first_checkpoint_then_resume_logs_each_step_once(tmp_pa
     assert [r["step"] for r in raw if "loss" in r] == [1, 2, 3, 1, 2, 3, 4, 5]  # the file keeps both attempts
     assert [r for r in raw if r.get("event")] == [{"event": "resume", "step": 0, "checkpoint": None}] * 2
     assert sorted(step_losses(run / "metrics.jsonl")) == [1, 2, 3, 4, 5]  # read: each step once
+
+
+def test_trainers_of_one_program_share_the_lock_until_the_last_is_gone(tmp_path, make_trainer):
+    import gc
+
+    def other_job_can_lock() -> bool:
+        probe = subprocess.run([sys.executable, "-c", "from elas_megatron.training.run_dir import RunDirLock; "
+                                f"RunDirLock.acquire({str(tmp_path / 'run')!r})"], cwd=REPO, capture_output=True,
+                               env=dict(os.environ, PYTHONPATH=str(REPO)))
+        return probe.returncode == 0
+
+    first = make_trainer()
+    second = make_trainer()  # same run_dir, same process: one job
+    del first
+    gc.collect()
+    assert not other_job_can_lock()
+    del second
+    gc.collect()
+    assert other_job_can_lock()
