@@ -11,7 +11,8 @@ Runs as-is under torchrun (it reads RANK/WORLD_SIZE/LOCAL_RANK). Exit codes, eac
 
 * 0 -- trained to ``train.steps``, or stopped by SIGTERM/SIGUSR1 after saving a checkpoint (rerun with --resume);
 * 2 -- ``elas-train: config error: ...`` / ``elas-train: error: ...``: a bad config, layout, data path or
-  checkpoint (docs/reliability.md says what to do for each);
+  checkpoint, or a ``train.run_dir`` that cannot be written or is in use by another job (docs/reliability.md says
+  what to do for each);
 * 3 -- ``elas-train: numerical error: ...``: NaN/Inf or a loss spike beyond ``train.max_skipped_steps``, naming the
   step, rank(s) and layer; resume from the last checkpoint with a lower ``optim.lr`` or a larger skip budget;
 * 124 -- a rank made no progress for ``parallel.distributed_timeout_s`` (the line names the stuck rank(s)).
@@ -23,10 +24,22 @@ import logging
 import os
 import sys
 
+from elas_megatron.training.callbacks import Callback
+from elas_megatron.utils.logging import open_rank_log
+
 logger = logging.getLogger("elas_megatron")
 
 EXIT_CONFIG = 2
 EXIT_NUMERICAL = 3
+
+
+class _RankLogFile(Callback):
+    """Opens this rank's ``RUN_DIR/logs/rank{R}.log`` once the trainer holds the run directory (records logged
+    before then are kept in memory and written first): a job refused because another one holds the directory
+    writes nothing into it."""
+
+    def on_model_built(self, trainer) -> None:
+        open_rank_log()
 
 
 def main(argv: list[str] | None = None, callbacks=()) -> int:
@@ -98,7 +111,8 @@ def main(argv: list[str] | None = None, callbacks=()) -> int:
     init_logging(cfg.log.level, rank=rank, log_dir=os.path.join(cfg.train.run_dir, "logs"))
 
     def fail(line: str, code: int) -> int:
-        print(line, file=sys.stderr)
+        sys.stderr.write(line + "\n")  # one write: the lines of several ranks on one stream stay whole
+        sys.stderr.flush()
         log_to_file_only(line)
         destroy_parallel()
         return code
@@ -109,7 +123,7 @@ def main(argv: list[str] | None = None, callbacks=()) -> int:
     from elas_megatron.training.trainer import Trainer
 
     try:
-        trainer = Trainer(cfg, resume=args.resume, callbacks=callbacks)
+        trainer = Trainer(cfg, resume=args.resume, callbacks=(_RankLogFile(), *callbacks))
         val_loss = trainer.train()
     except (ConfigError, CheckpointError, FileNotFoundError, ValueError) as exc:
         return fail(f"elas-train: error: {exc}", EXIT_CONFIG)

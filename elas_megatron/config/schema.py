@@ -240,7 +240,8 @@ class TrainConfig:
     seq_len: int = 256
     seed: int = 1234
     run_dir: str = "runs/default"
-    """metrics.jsonl, the resolved config and checkpoints/ go here."""
+    """metrics.jsonl, the resolved config and checkpoints/ go here. One job per run directory: rank 0 holds an
+    exclusive lock on {run_dir}/.lock while the job runs (docs/reliability.md)."""
     dtype: Literal["auto", "fp32", "bf16"] = "auto"
     """auto = bf16 on CUDA, fp32 on CPU."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -275,6 +276,8 @@ class TrainConfig:
                self.loss_spike_factor, "0 (off) or a factor > 1, e.g. 2")
         _check(self.density_check_every >= 0, "train.density_check_every", self.density_check_every, ">= 0")
         _check(0 <= self.density_warn <= 0.5, "train.density_warn", self.density_warn, "in [0, 0.5]")
+        _check(bool(self.run_dir.strip()), "train.run_dir", self.run_dir,
+               "a directory path (an empty one would write checkpoints and metrics into the current directory)")
 
 
 @dataclass(kw_only=True)

@@ -13,9 +13,15 @@ of those steps, ``step N/M``, elapsed time and an ETA from that interval's step 
 Metric sinks (:mod:`elas_megatron.training.sinks`, e.g. TensorBoard with ``log.tensorboard``) receive every step and
 evaluation record written here, under slash-namespaced names.
 
-The file is appended to across restarts. A resumed run first writes ``{"event": "resume", "step": S, "checkpoint":
-"step_..."}`` (:meth:`MetricsLogger.log_resume`); records written before it for steps after S are superseded (the
-interrupted run trained them, then the state went back to S). :func:`read_metrics` reads the file that way.
+The file is appended to across restarts. Every run first writes ``{"event": "resume", "step": S, "checkpoint":
+"step_..."}`` (:meth:`MetricsLogger.log_resume`), S = 0 and checkpoint null when it starts from scratch; records
+written before it for steps after S are superseded (an earlier attempt trained them, then the state went back to
+S -- e.g. a kill -9 before the first checkpoint). :func:`read_metrics` reads the file that way.
+
+Metrics are not worth a lost run: a failed write (``OSError``, e.g. a full disk) logs one warning and training
+continues; records are dropped until writes succeed again (then one line says how many were lost). A record is
+written with one ``write``; a torn line left by a failed write or a kill is terminated before the next record,
+and :func:`read_metrics` skips lines that are not JSON with a warning.
 """
 from __future__ import annotations
 
@@ -42,7 +48,8 @@ RESUME_EVENT = "resume"
 def read_metrics(path: str | Path) -> list[dict]:
     """The records of ``metrics.jsonl`` that describe the run as it finally went: a resume event (written when a
     run resumed from the checkpoint of step S) drops every earlier record of a step after S. Resume events
-    themselves are not returned.
+    themselves are not returned. A line that is not a complete record (torn by a full disk or a kill) is skipped
+    with a warning.
 
     Args:
         path: a ``metrics.jsonl`` file.
@@ -51,8 +58,19 @@ def read_metrics(path: str | Path) -> list[dict]:
         Step and evaluation records in file order.
     """
     records: list[dict] = []
-    for line in Path(path).read_text().splitlines():
-        rec = json.loads(line)
+    lines = Path(path).read_text(errors="replace").splitlines()
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            rec = None
+        if not isinstance(rec, dict) or "step" not in rec:
+            where = "last line" if number == len(lines) else f"line {number}"
+            logger.warning("%s: ignoring the %s, which is not a complete record (a write torn by a full disk or a "
+                           "kill): %.80r", path, where, line)
+            continue
         if rec.get("event") == RESUME_EVENT:
             records = [r for r in records if r["step"] <= rec["step"]]
         else:
@@ -94,6 +112,8 @@ class MetricsLogger(Callback):
         peak = peak_flops(device)
         self.peak_total = peak * num_gpus if peak else None
         self.path = Path(run_dir) / "metrics.jsonl"
+        self._check_tail = True  # before the next write: terminate a torn last line (a kill, a failed write)
+        self._lost = 0  # records not written since the last failure
         if enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
 
@@ -128,12 +148,33 @@ class MetricsLogger(Callback):
 
     # records ---------------------------------------------------------------------------------------------
     def _write(self, record: dict) -> None:
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        self._append(json.dumps(record) + "\n")
         if "event" not in record:
             scalars = sink_scalars(record)
             for sink in self.sinks:
                 sink.write(record["step"], scalars)
+
+    def _append(self, line: str) -> None:
+        """Append one line to the file with a single write; on OSError warn once and go on (see module doc)."""
+        try:
+            with self.path.open("ab") as f:
+                if self._check_tail and f.tell() > 0:
+                    with self.path.open("rb") as r:
+                        r.seek(-1, 2)
+                        if r.read(1) != b"\n":
+                            line = "\n" + line  # the torn line stays a line of its own; read_metrics skips it
+                f.write(line.encode())
+            self._check_tail = False
+        except OSError as exc:
+            self._check_tail = True
+            if not self._lost:
+                logger.warning("cannot write %s (%s: %s); training continues, metrics records are dropped until "
+                               "writes succeed again", self.path, type(exc).__name__, exc)
+            self._lost += 1
+            return
+        if self._lost:
+            logger.warning("%s is writable again; %d record(s) were lost", self.path, self._lost)
+            self._lost = 0
 
     def _memory_peak_gib(self) -> float | None:
         """Peak allocated memory (GiB) since the current step began; None off CUDA."""
@@ -199,9 +240,10 @@ class MetricsLogger(Callback):
             logger.info(" | ".join(parts))
         return rec
 
-    def log_resume(self, *, step: int, checkpoint: str) -> dict:
-        """Mark that the run resumed from ``checkpoint`` at ``step``: later records supersede earlier records of
-        steps after ``step`` (see :func:`read_metrics`), in the sinks as in the file."""
+    def log_resume(self, *, step: int, checkpoint: str | None) -> dict:
+        """Mark that the run resumed from ``checkpoint`` at ``step`` (a run from scratch: step 0, checkpoint None):
+        later records supersede earlier records of steps after ``step`` (see :func:`read_metrics`), in the sinks
+        as in the file."""
         rec = {"event": RESUME_EVENT, "step": step, "checkpoint": checkpoint}
         if self.enabled:
             self._write(rec)

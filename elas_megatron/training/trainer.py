@@ -10,7 +10,8 @@ Reliability (docs/reliability.md): every step passes :class:`~elas_megatron.trai
 the optimizer runs (rank-agreed NaN/Inf and loss-spike detection, bounded skipping); multi-process training runs
 under a :class:`~elas_megatron.training.watchdog.Watchdog` that names stuck ranks; checkpoints are atomic and
 their failures collective (:mod:`elas_megatron.training.checkpoint`), optionally written in the background
-(``checkpoint.async_save``), and hold every rank's RNG states. ``train()`` decides to stop in one place,
+(``checkpoint.async_save``), and hold every rank's RNG states. One job per run directory: rank 0 locks
+``train.run_dir`` before writing there (:mod:`elas_megatron.training.run_dir`), and every rank stops if it cannot. ``train()`` decides to stop in one place,
 :meth:`Trainer.should_stop`.
 
 Hooks (:mod:`elas_megatron.training.callbacks`): ``Trainer(cfg, callbacks=[...])`` calls each callback at fixed
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import time
+import weakref
 from contextlib import nullcontext
 from functools import partial
 from pathlib import Path
@@ -39,6 +41,7 @@ from elas_megatron.training.metrics import MetricsLogger
 from elas_megatron.training.numerics import NumericGuard
 from elas_megatron.training.optimizers import backend_class, build_optimizer_backend, build_scheduler
 from elas_megatron.training.profiling import Profiler
+from elas_megatron.training.run_dir import prepare_run_dir
 from elas_megatron.training.signals import StopSignal
 from elas_megatron.training.sinks import build_sinks, check_sinks
 from elas_megatron.training.watchdog import Progress, Watchdog
@@ -92,9 +95,11 @@ class Trainer:
         self.bf16 = resolve_bf16(cfg, self.device)
         self.vocab_size = self._resolve_vocab_size(datasets is not None)
         self.run_dir = Path(cfg.train.run_dir)
-        if self.info.global_rank == 0:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            dump_config(cfg, self.run_dir / "config.yaml")
+        # one job per run directory: rank 0 locks it before anything is written there; all ranks stop if it cannot
+        self.run_lock = prepare_run_dir(self.run_dir, is_owner=self.info.global_rank == 0,
+                                        then=lambda d: dump_config(cfg, d / "config.yaml"))
+        if self.run_lock is not None:  # held while this trainer lives (in-process programs build many)
+            weakref.finalize(self, self.run_lock.release)
         t = cfg.train
         self.metrics = MetricsLogger(self.run_dir, enabled=self.info.is_logging_rank,
                                      flops_per_token=flops_per_token(cfg.model, self.vocab_size, t.seq_len),
@@ -140,8 +145,10 @@ class Trainer:
         self._microbatch: int | None = None  # index of the next training micro-batch within a step
         self._num_microbatches = 0
         self.last_val_loss: float | None = None
-        if resume:
-            self.load_latest()
+        if not (resume and self.load_latest()):
+            # a run from scratch marks it too: records of an earlier attempt in this run_dir (killed before its
+            # first checkpoint) are superseded (metrics.read_metrics)
+            self.metrics.log_resume(step=self.step, checkpoint=None)
 
     # ----------------------------------------------------------------------------------------------- build
     def _resolve_vocab_size(self, have_datasets: bool) -> int:

@@ -6,7 +6,7 @@ import logging
 
 import pytest
 
-from elas_megatron.utils.logging import init_logging, log_to_file_only, rank_log_path
+from elas_megatron.utils.logging import init_logging, log_to_file_only, open_rank_log, rank_log_path
 
 
 @pytest.fixture(autouse=True)
@@ -26,6 +26,9 @@ def test_a_non_zero_rank_writes_info_to_its_file_and_only_warnings_to_the_consol
     log.info("step 3/3 | loss 4.2")
     log.warning("slow rank")
     log_to_file_only("elas-train: error: bad data")
+    # nothing is written into the run directory until the trainer holds it; then everything so far is
+    assert not (tmp_path / "logs").exists()
+    assert open_rank_log() == rank_log_path(tmp_path / "logs", 1)
     for handler in logging.getLogger().handlers:
         handler.flush()
     text = rank_log_path(tmp_path / "logs", 1).read_text()
@@ -39,6 +42,7 @@ def test_rank_zero_logs_to_the_console_and_its_file_and_appends_across_restarts(
     for attempt in ("first", "second"):
         init_logging("info", rank=0, log_dir=tmp_path / "logs")
         logging.getLogger("elas_megatron.test").info("%s run", attempt)
+        open_rank_log()
     for handler in logging.getLogger().handlers:
         handler.flush()
     text = (tmp_path / "logs" / "rank0.log").read_text()
