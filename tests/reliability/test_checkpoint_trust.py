@@ -156,3 +156,43 @@ def test_cli_on_a_damaged_checkpoint_prints_one_line(saved, tmp_path, capsys):
     errors = [line for line in err if "error:" in line]
     assert len(errors) == 2 and all("failed verification" in line for line in errors), err
     assert not any("Traceback" in line for line in err)
+
+
+def test_elas_ckpt_verify_reports_each_checkpoint(saved, tmp_path, capsys):
+    """elas-ckpt verify: OK for an intact checkpoint (named as latest), FAILED naming the file for flipped bytes or a
+    hostile .metadata, UNVERIFIED without a manifest; nothing runs; exit codes 0 / 1 / 2."""
+    from elas_megatron.cli.ckpt import main as ckpt_main
+
+    path, marker = saved
+    run_dir = path.parent.parent
+    assert ckpt_main(["verify", str(run_dir)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"OK          {path.name}  (") and "files match the manifest" in out and "; latest)" in out
+    import shutil
+
+    old = path.parent / "step_00000000"  # a checkpoint of a version that wrote no manifest
+    shutil.copytree(path, old)
+    (old / "manifest.json").unlink()
+    assert ckpt_main(["verify", str(run_dir)]) == 0
+    assert f"UNVERIFIED  {old.name}  (no manifest" in capsys.readouterr().out
+    shutil.rmtree(old)
+
+    shard = next(path.glob("*.distcp"))
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    assert ckpt_main(["verify", str(path.parent)]) == 1
+    out = capsys.readouterr().out
+    assert out.startswith(f"FAILED      {path.name}  ") and str(shard) in out and "sha256" in out
+
+    (path / ".metadata").write_bytes(pickle.dumps(Evil(marker)))
+    write_manifest(path)
+    assert ckpt_main(["verify", str(path)]) == 1
+    assert "it references posix.system" in capsys.readouterr().out and not marker.exists()
+
+    (path / "manifest.json").unlink()
+    assert ckpt_main(["verify", str(path)]) == 1  # still hostile: no manifest does not mean no check
+
+    assert ckpt_main(["verify", str(tmp_path / "nothing_here")]) == 2
+    (tmp_path / "empty").mkdir()
+    assert ckpt_main(["verify", str(tmp_path / "empty")]) == 2
