@@ -1,9 +1,9 @@
 """Trainer hooks: which callback methods are called, in which order, with which step numbers and metrics."""
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
+from elas_megatron.data.synthetic import SyntheticTokens
 from elas_megatron.training.callbacks import Callback
 from elas_megatron.training.metrics import read_metrics
 
@@ -14,14 +14,8 @@ SMALL = ["model.hidden_size=32", "model.num_layers=2", "model.num_heads=4", "mod
          "checkpoint.keep_last=0", "log.every=2", "log.level=warning"]
 
 
-class Tokens:
-    def __len__(self):
-        return 4096
-
-    def __getitem__(self, i):
-        seq = np.random.default_rng(i).integers(0, VOCAB, SEQ_LEN + 1)
-        return {"tokens": seq[:-1], "labels": seq[1:], "loss_mask": np.ones(SEQ_LEN, dtype=np.float32),
-                "position_ids": np.arange(SEQ_LEN)}
+def _tokens() -> SyntheticTokens:
+    return SyntheticTokens(num_samples=4096, seq_len=SEQ_LEN, vocab_size=VOCAB)
 
 
 class Recorder(Callback):
@@ -65,7 +59,7 @@ def build(tmp_path):
 
     def make(*overrides, callbacks=(), resume=False):
         cfg = load_config(None, SMALL + [f"train.run_dir={tmp_path / 'run'}", *overrides], world_size=1)
-        return Trainer(cfg, resume=resume, datasets=(Tokens(), Tokens()), callbacks=callbacks)
+        return Trainer(cfg, resume=resume, datasets=(_tokens(), _tokens()), callbacks=callbacks)
 
     yield make
     destroy_parallel()

@@ -7,10 +7,10 @@ import logging
 import math
 import sys
 
-import numpy as np
 import pytest
 import torch
 
+from elas_megatron.data.synthetic import SyntheticTokens
 from elas_megatron.training.metrics import MetricsLogger, read_metrics
 from elas_megatron.training.sinks import MetricSink, sink_scalars
 from elas_megatron.utils.errors import ConfigError
@@ -22,14 +22,8 @@ SMALL = ["model.hidden_size=32", "model.num_layers=2", "model.num_heads=4", "mod
          "checkpoint.keep_last=0", "log.level=warning"]
 
 
-class Tokens:
-    def __len__(self):
-        return 4096
-
-    def __getitem__(self, i):
-        seq = np.random.default_rng(i).integers(0, VOCAB, SEQ_LEN + 1)
-        return {"tokens": seq[:-1], "labels": seq[1:], "loss_mask": np.ones(SEQ_LEN, dtype=np.float32),
-                "position_ids": np.arange(SEQ_LEN)}
+def _tokens() -> SyntheticTokens:
+    return SyntheticTokens(num_samples=4096, seq_len=SEQ_LEN, vocab_size=VOCAB)
 
 
 @pytest.fixture
@@ -40,7 +34,7 @@ def build(tmp_path):
 
     def make(*overrides, resume=False):
         cfg = load_config(None, SMALL + [f"train.run_dir={tmp_path / 'run'}", *overrides], world_size=1)
-        return Trainer(cfg, resume=resume, datasets=(Tokens(), Tokens()))
+        return Trainer(cfg, resume=resume, datasets=(_tokens(), _tokens()))
 
     yield make
     destroy_parallel()
