@@ -20,11 +20,14 @@ BEGIN, END = "<!-- speed:begin -->", "<!-- speed:end -->"
 VARIANTS = ("dense", "cola", "elas")
 
 
-def _rows(res: Path, name: str) -> list[dict]:
+def _all_rows(res: Path, name: str) -> list[dict]:
+    """Every row of a phase's results.json, failed ones (OOM) included; none for a phase that did not run."""
     path = res / name / "results.json"
-    if not path.exists():
-        return []
-    return [r for r in json.loads(path.read_text())["rows"] if r.get("status") == "ok"]
+    return json.loads(path.read_text())["rows"] if path.exists() else []
+
+
+def _rows(res: Path, name: str) -> list[dict]:
+    return [r for r in _all_rows(res, name) if r.get("status") == "ok"]
 
 
 def _best(rows: list[dict], variant: str, mode: str = "train") -> dict | None:
@@ -45,11 +48,6 @@ def _largest(rows_all: list[dict], variant: str) -> str:
         return "-"
     oom = [r["micro_batch"] for r in mine if r["status"] == "oom"]
     return str(max(fit)) if oom else f">= {max(fit)}"
-
-
-def _all_rows(res: Path, name: str) -> list[dict]:
-    path = res / name / "results.json"
-    return json.loads(path.read_text())["rows"] if path.exists() else []
 
 
 def _fmt_row(r: dict | None, label: str) -> str:
