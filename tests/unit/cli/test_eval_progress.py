@@ -65,20 +65,16 @@ def test_a_terminal_gets_a_tqdm_bar(monkeypatch):
 
 
 def test_the_trainers_evaluation_reports_progress_on_the_logging_rank(tmp_path, caplog, monkeypatch):
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "training"))
-    from test_observability import SMALL, Tokens
+    import tiny_trainer
 
     from elas_megatron.config.loader import load_config
     from elas_megatron.parallel.setup import destroy_parallel
     from elas_megatron.training.trainer import Trainer
 
     monkeypatch.setattr(progress_mod, "DELAY_S", 0.0)
-    cfg = load_config(None, SMALL + [f"train.run_dir={tmp_path / 'run'}", "train.eval_iters=20"], world_size=1)
+    cfg = load_config(None, tiny_trainer.SMALL + [f"train.run_dir={tmp_path / 'run'}", "train.eval_iters=20"], world_size=1)
     try:
-        trainer = Trainer(cfg, datasets=(Tokens(), Tokens()))
+        trainer = Trainer(cfg, datasets=(tiny_trainer.tokens(), tiny_trainer.tokens()))
         caplog.set_level(logging.INFO, logger=LOGGER)
         trainer.evaluate()
     finally:

@@ -3,19 +3,12 @@ from __future__ import annotations
 
 import pytest
 
-from elas_megatron.data.synthetic import SyntheticTokens
+import tiny_trainer
+
 from elas_megatron.training.callbacks import Callback
 from elas_megatron.training.metrics import read_metrics
 
-SEQ_LEN, VOCAB = 16, 128
-SMALL = ["model.hidden_size=32", "model.num_layers=2", "model.num_heads=4", "model.ffn_hidden_size=64", "model.rank=8",
-         f"model.vocab_size={VOCAB}", f"train.seq_len={SEQ_LEN}", "train.global_batch=4", "train.micro_batch=2",
-         "train.steps=4", "train.eval_iters=1", "train.eval_every=2", "optim.warmup_steps=1", "checkpoint.every=2",
-         "checkpoint.keep_last=0", "log.every=2", "log.level=warning"]
-
-
-def _tokens() -> SyntheticTokens:
-    return SyntheticTokens(num_samples=4096, seq_len=SEQ_LEN, vocab_size=VOCAB)
+SMALL = tiny_trainer.SMALL + ["log.every=2"]
 
 
 class Recorder(Callback):
@@ -59,7 +52,7 @@ def build(tmp_path):
 
     def make(*overrides, callbacks=(), resume=False):
         cfg = load_config(None, SMALL + [f"train.run_dir={tmp_path / 'run'}", *overrides], world_size=1)
-        return Trainer(cfg, resume=resume, datasets=(_tokens(), _tokens()), callbacks=callbacks)
+        return Trainer(cfg, resume=resume, datasets=(tiny_trainer.tokens(), tiny_trainer.tokens()), callbacks=callbacks)
 
     yield make
     destroy_parallel()

@@ -10,20 +10,13 @@ import sys
 import pytest
 import torch
 
-from elas_megatron.data.synthetic import SyntheticTokens
+import tiny_trainer
+
 from elas_megatron.training.metrics import MetricsLogger, read_metrics
 from elas_megatron.training.sinks import MetricSink, sink_scalars
 from elas_megatron.utils.errors import ConfigError
 
-SEQ_LEN, VOCAB = 16, 128
-SMALL = ["model.hidden_size=32", "model.num_layers=2", "model.num_heads=4", "model.ffn_hidden_size=64", "model.rank=8",
-         f"model.vocab_size={VOCAB}", f"train.seq_len={SEQ_LEN}", "train.global_batch=4", "train.micro_batch=2",
-         "train.steps=4", "train.eval_iters=1", "train.eval_every=2", "optim.warmup_steps=1", "checkpoint.every=2",
-         "checkpoint.keep_last=0", "log.level=warning"]
-
-
-def _tokens() -> SyntheticTokens:
-    return SyntheticTokens(num_samples=4096, seq_len=SEQ_LEN, vocab_size=VOCAB)
+SMALL = tiny_trainer.SMALL
 
 
 @pytest.fixture
@@ -34,7 +27,7 @@ def build(tmp_path):
 
     def make(*overrides, resume=False):
         cfg = load_config(None, SMALL + [f"train.run_dir={tmp_path / 'run'}", *overrides], world_size=1)
-        return Trainer(cfg, resume=resume, datasets=(_tokens(), _tokens()))
+        return Trainer(cfg, resume=resume, datasets=(tiny_trainer.tokens(), tiny_trainer.tokens()))
 
     yield make
     destroy_parallel()
