@@ -308,9 +308,9 @@ class LogConfig:
     """Console log level."""
     tensorboard: bool = False
     """Also write every metrics.jsonl record as TensorBoard scalars to {train.run_dir}/tensorboard (logging rank
-    only; slash-namespaced tags such as loss/train, perf/tokens_per_s, optim/lr). Needs the optional extra:
-    pip install 'elas-megatron[tensorboard]'. A resumed run continues the same TensorBoard run: the steps after
-    the checkpoint are replaced, not duplicated."""
+    only; slash-namespaced tags such as loss/train, perf/tokens_per_s, optim/lr); open them with tensorboard --logdir
+    {train.run_dir}/tensorboard. The tensorboard package is a dependency of elas-megatron. A resumed run continues the
+    same TensorBoard run: the steps after the checkpoint are replaced, not duplicated. configs/demo.yaml turns it on."""
     wandb_project: str | None = None
     """Also send every metrics.jsonl record to Weights & Biases, to this project (logging rank only; the same
     slash-namespaced names and values as log.tensorboard; files in {train.run_dir}/wandb). Needs the optional extra:
