@@ -325,7 +325,8 @@ class LogConfig:
     profile_steps: list[int] = field(default_factory=list)
     """[from, to]: record a torch.profiler trace of training steps from..to (inclusive, 1-based) on every rank, written
     as Chrome/Perfetto JSON to {train.run_dir}/profile/trace_rank{R}_steps{from}-{to}.json (open it in
-    https://ui.perfetto.dev or chrome://tracing). Empty = off."""
+    https://ui.perfetto.dev or chrome://tracing). In those steps each transformer layer's forward and backward is a
+    named range (layer N forward / layer N backward), also as NVTX ranges on GPU (Nsight Systems). Empty = off."""
     memory_snapshot_step: int | None = None
     """CUDA: record the allocator's history during this training step (1-based) and dump a memory snapshot per rank to
     {train.run_dir}/profile/memory_snapshot_rank{R}_step{S}.pickle (open it in https://pytorch.org/memory_viz).

@@ -257,6 +257,8 @@ def test_profiler_writes_a_loadable_chrome_trace_and_skips_the_snapshot_on_cpu(b
     caplog.set_level(logging.INFO, logger="elas_megatron.training.profiling")
     trainer = build("train.steps=3", "train.eval_every=0", "checkpoint.every=0", "checkpoint.save_final=false",
                     "log.profile_steps=[2,3]", "log.memory_snapshot_step=2")
+    layers = [m for chunk in trainer.model for m in chunk.modules() if type(m).__name__ == "TransformerLayer"]
+    hooks = [(len(m._forward_pre_hooks), len(m._forward_hooks)) for m in layers]
     trainer.train()
     files = sorted(p.name for p in (trainer.run_dir / "profile").iterdir())
     assert files == ["trace_rank0_steps2-3.json"]
@@ -264,3 +266,8 @@ def test_profiler_writes_a_loadable_chrome_trace_and_skips_the_snapshot_on_cpu(b
     names = {e.get("name", "") for e in trace["traceEvents"]}
     assert len(trace["traceEvents"]) > 100 and any(n.startswith("aten::") for n in names)
     assert any("memory_snapshot_step=2 skipped" in m for m in caplog.messages)
+    # each layer's forward and backward is a named range: 2 traced steps x 2 micro-batches each
+    ranges = [e["name"] for e in trace["traceEvents"] if e.get("name", "").startswith("layer ")]
+    assert {name: ranges.count(name) for name in set(ranges)} == {
+        f"layer {n} {phase}": 4 for n in (1, 2) for phase in ("forward", "backward")}
+    assert len(layers) == 2 and [(len(m._forward_pre_hooks), len(m._forward_hooks)) for m in layers] == hooks
