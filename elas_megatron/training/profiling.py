@@ -21,18 +21,11 @@ from pathlib import Path
 import torch
 
 from elas_megatron.training.callbacks import Callback
+from elas_megatron.training.numerics import first_tensor
 
 __all__ = ["LayerRanges", "Profiler"]
 
 logger = logging.getLogger(__name__)
-
-
-def _first_tensor(value):
-    if isinstance(value, torch.Tensor):
-        return value
-    if isinstance(value, (tuple, list)) and value and isinstance(value[0], torch.Tensor):
-        return value[0]
-    return None
 
 
 class LayerRanges:
@@ -83,8 +76,8 @@ class LayerRanges:
     def _post_hook(self, name: str):
         def hook(module, args, kwargs, output):
             self._end(self._open[id(module)].pop())
-            inp = _first_tensor(kwargs.get("hidden_states", args[0] if args else None))
-            out = _first_tensor(output)
+            inp = first_tensor(kwargs.get("hidden_states", args[0] if args else None))
+            out = first_tensor(output)
             if (torch.is_grad_enabled() and inp is not None and out is not None and inp.requires_grad
                     and out.requires_grad):
                 backward: list = []  # this forward's backward range, once it is open
