@@ -131,8 +131,8 @@ def resolve_wandb_mode(mode: str, timeout_s: float = 3.0) -> tuple[str, str]:
     if mode != "auto":
         return mode, f"log.wandb_mode={mode}"
     env = os.environ.get("WANDB_MODE", "").strip().lower()
-    if env in ("online", "offline", "dryrun"):
-        return ("online" if env == "online" else "offline"), f"WANDB_MODE={env}"
+    if env in ("online", "offline", "dryrun", "disabled"):
+        return {"dryrun": "offline"}.get(env, env), f"WANDB_MODE={env}"
     url = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai"))
     host = url.hostname or "api.wandb.ai"
     if not _wandb_api_key_found(host):
@@ -155,8 +155,8 @@ class WandbSink(MetricSink):
     metrics.jsonl and TensorBoard hold the resumed run's. One log line says so.
 
     The W&B run opens at :meth:`resume` (the trainer calls it once the model is built and any checkpoint loaded) or
-    at the first :meth:`write`. If ``wandb.init`` fails (no network in online mode, a bad key), one warning is logged
-    and training continues without W&B: metrics are not worth a lost run.
+    at the first :meth:`write`. If ``wandb.init`` or a ``log`` fails (no network in online mode, a bad key), one
+    warning is logged and training continues without W&B: metrics are not worth a lost run.
     """
 
     def __init__(self, run_dir: str | Path, *, project: str, entity: str | None = None, mode: str = "auto",
@@ -227,7 +227,13 @@ class WandbSink(MetricSink):
             return
         if not self._open():
             return
-        self.run.log(scalars, step=step)
+        try:
+            self.run.log(scalars, step=step)
+        except Exception as exc:  # noqa: BLE001 -- as in _open: W&B's failure is not the run's
+            logger.warning("W&B run %s: logging step %d failed (%s: %s); training continues without W&B "
+                           "(metrics.jsonl has every record)", self.run_id, step, type(exc).__name__, exc)
+            self.run, self._failed = None, True
+            return
         if self._last is None or step > self._last:
             self._last = step
             self._save_state()

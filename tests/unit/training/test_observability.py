@@ -16,7 +16,7 @@ import torch
 import tiny_trainer
 
 from elas_megatron.training.metrics import MetricsLogger, read_metrics
-from elas_megatron.training.sinks import WANDB_STATE, MetricSink, resolve_wandb_mode, sink_scalars
+from elas_megatron.training.sinks import WANDB_STATE, MetricSink, WandbSink, resolve_wandb_mode, sink_scalars
 from elas_megatron.utils.errors import ConfigError
 
 SMALL = tiny_trainer.SMALL
@@ -152,6 +152,8 @@ def _wandb_records(path):
     from wandb.proto import wandb_internal_pb2
 
     data, block, head = path.read_bytes(), 32768, 7
+    if len(data) < head:  # not written yet
+        return
     assert data[:4] == b":W&B"
     pos, chunks = head, b""
     while pos + head <= len(data):
@@ -176,7 +178,7 @@ def _wandb_history(run_dir) -> tuple[set[str], dict[str, list[tuple[int, float]]
     ids, history = set(), {}
     for path in sorted((run_dir / "wandb").glob("offline-run-*/run-*.wandb")):
         deadline = time.monotonic() + 30
-        while (records := list(_wandb_records(path)))[-1].WhichOneof("record_type") != "exit":
+        while not (records := list(_wandb_records(path))) or records[-1].WhichOneof("record_type") != "exit":
             assert time.monotonic() < deadline, f"{path} has no exit record after 30 s"
             time.sleep(0.05)
         for record in records:
@@ -230,9 +232,26 @@ def test_wandb_resume_from_an_earlier_checkpoint_sends_no_step_twice(build, wand
     assert [s for s, _ in history["loss/val"]] == [2, 4]
 
 
+def test_wandb_that_cannot_start_warns_once_and_training_goes_on(wandb_offline, tmp_path, monkeypatch, caplog):
+    import wandb
+
+    def refuse(**kwargs):
+        raise wandb.errors.CommError("no route to host")
+
+    monkeypatch.setattr(wandb, "init", refuse)
+    sink = WandbSink(tmp_path, project="p", mode="online")
+    sink.resume(0)
+    sink.write(1, {"loss/train": 1.0})
+    sink.close()
+    warnings = [m for m in caplog.messages if "could not start" in m]
+    assert len(warnings) == 1 and "CommError: no route to host" in warnings[0] and "training continues" in warnings[0]
+    assert not (tmp_path / WANDB_STATE).exists()
+
+
 def test_wandb_mode_auto_is_offline_without_an_api_key(monkeypatch, tmp_path):
     monkeypatch.delenv("WANDB_MODE", raising=False)
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("NETRC", raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc
     assert resolve_wandb_mode("auto") == ("offline", "no W&B API key (WANDB_API_KEY or ~/.netrc)")
     monkeypatch.setenv("WANDB_MODE", "offline")
