@@ -217,8 +217,8 @@ class WandbSink(MetricSink):
         self._floor = self._last
         if self._last is not None and self._last > step:
             logger.info("W&B run %s already holds steps up to %d; this run resumed at step %d, so its values of "
-                        "steps %d-%d go to metrics.jsonl only (W&B accepts each step once)", self.run_id, self._last,
-                        step, step + 1, self._last)
+                        "steps %d-%d go to metrics.jsonl and TensorBoard only (W&B accepts each step once)",
+                        self.run_id, self._last, step, step + 1, self._last)
         self._open()
 
     def write(self, step: int, scalars: dict[str, float]) -> None:
