@@ -290,3 +290,26 @@ def test_profiler_writes_a_loadable_chrome_trace_and_skips_the_snapshot_on_cpu(b
     assert {name: ranges.count(name) for name in set(ranges)} == {
         f"layer {n} {phase}": 4 for n in (1, 2) for phase in ("forward", "backward")}
     assert len(layers) == 2 and [(len(m._forward_pre_hooks), len(m._forward_hooks)) for m in layers] == hooks
+
+
+def test_layer_ranges_open_and_close_an_nvtx_range_each(build, monkeypatch):
+    # the GPU path's NVTX calls, recorded on CPU: every range started is ended, with the layers' names
+    from elas_megatron.training.profiling import LayerRanges
+
+    calls, ids = [], iter(range(1000))
+
+    def start(name):
+        calls.append(("start", name, handle := next(ids)))
+        return handle
+
+    monkeypatch.setattr(torch.cuda.nvtx, "range_start", start)
+    monkeypatch.setattr(torch.cuda.nvtx, "range_end", lambda handle: calls.append(("end", None, handle)))
+    trainer = build()
+    ranges = LayerRanges(trainer.model, nvtx=True)
+    trainer.train_step()  # 2 micro-batches
+    ranges.remove()
+    trainer.train_step()  # no ranges once removed
+    started = {h: name for kind, name, h in calls if kind == "start"}
+    assert sorted(h for kind, _, h in calls if kind == "end") == sorted(started)
+    assert sorted(started.values()) == sorted(f"layer {n} {phase}" for n in (1, 2) for phase in ("forward", "backward")
+                                              for _ in range(2))
