@@ -29,6 +29,8 @@ from collections.abc import Callable
 
 import torch
 
+from elas_megatron.training.numerics import first_tensor
+
 __all__ = ["CATEGORIES", "Clock", "ModuleTimer", "category_of"]
 
 # module-name pattern (inside any wrapper prefix) -> category
@@ -75,14 +77,6 @@ class Clock:
             torch.cuda.synchronize()
 
 
-def _first_tensor(value) -> torch.Tensor | None:
-    if isinstance(value, torch.Tensor):
-        return value
-    if isinstance(value, (tuple, list)) and value and isinstance(value[0], torch.Tensor):
-        return value[0]
-    return None
-
-
 class ModuleTimer:
     """Forward and backward time per category of module (module hooks), plus named intervals.
 
@@ -111,7 +105,7 @@ class ModuleTimer:
             if not self.enabled:
                 return
             state["fwd_start"] = self.clock.mark()
-            x = _first_tensor(args[0]) if args else kwargs.get("hidden_states")
+            x = first_tensor(args[0]) if args else kwargs.get("hidden_states")
             if isinstance(x, torch.Tensor) and x.requires_grad and torch.is_grad_enabled():
                 x.register_hook(self._backward_end(state, category))
 
@@ -122,7 +116,7 @@ class ModuleTimer:
             if start is None:  # enabled between this module's pre-hook and hook
                 return
             self._intervals[f"{category}/fwd"].append((start, self.clock.mark()))
-            y = _first_tensor(output)
+            y = first_tensor(output)
             if y is not None and y.requires_grad and torch.is_grad_enabled():
                 y.register_hook(self._backward_start(state))
 

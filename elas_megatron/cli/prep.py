@@ -201,7 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     tok.add_argument("--config", nargs="+", metavar="CONFIG.yaml",
                      help="training config(s): refuse a tokenizer that does not match its model.vocab_size / "
                           "data.tokenizer")
-    tok.add_argument("--no-progress", action="store_true", help="no progress bar")
+    tok.add_argument("--no-progress", action="store_true", help="no progress display (a bar on a terminal, else a log line every tenth)")
     tok.set_defaults(func=_cmd_tokenize)
 
     tr = sub.add_parser("train-tokenizer", help="train a sentencepiece tokenizer on a sample of the corpus")

@@ -58,7 +58,8 @@ def main(argv: list[str] | None = None, callbacks=()) -> int:
                "--print-config CONFIG.yaml ... (the fields are documented in elas_megatron/config/schema.py; the "
                "shipped configs are tabulated in docs/configs.md). Log options (docs/configs.md, "
                "docs/monitoring.md): " + ", ".join(f"log.{f.name}" for f in fields(LogConfig))
-               + "; e.g. log.tensorboard=true (RUN_DIR/tensorboard), log.profile_steps=[10,12] (RUN_DIR/profile).")
+               + "; e.g. log.tensorboard=true (RUN_DIR/tensorboard), log.wandb_project=NAME (Weights & Biases; "
+               "RUN_DIR/wandb), log.profile_steps=[10,12] (RUN_DIR/profile).")
     parser.add_argument("args", nargs="+", metavar="CONFIG.yaml | section.key=value",
                         help="YAML configs (merged left to right), then overrides such as train.steps=100")
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in checkpoint.dir")

@@ -308,13 +308,25 @@ class LogConfig:
     """Console log level."""
     tensorboard: bool = False
     """Also write every metrics.jsonl record as TensorBoard scalars to {train.run_dir}/tensorboard (logging rank
-    only; slash-namespaced tags such as loss/train, perf/tokens_per_s, optim/lr). Needs the optional extra:
-    pip install 'elas-megatron[tensorboard]'. A resumed run continues the same TensorBoard run: the steps after
-    the checkpoint are replaced, not duplicated."""
+    only; slash-namespaced tags such as loss/train, perf/tokens_per_s, optim/lr); open them with tensorboard --logdir
+    {train.run_dir}/tensorboard. The tensorboard package is a dependency of elas-megatron. A resumed run continues the
+    same TensorBoard run: the steps after the checkpoint are replaced, not duplicated. configs/demo.yaml turns it on."""
+    wandb_project: str | None = None
+    """Also send every metrics.jsonl record to Weights & Biases, to this project (logging rank only; the same
+    slash-namespaced names and values as log.tensorboard; files in {train.run_dir}/wandb). Needs the optional extra:
+    pip install 'elas-megatron[wandb]'. The run id is kept in {train.run_dir}/wandb_run.json, so --resume continues the
+    same W&B run; W&B holds each step once (docs/monitoring.md). None = off."""
+    wandb_entity: str | None = None
+    """W&B entity (user or team) of log.wandb_project. None = the API key's default entity."""
+    wandb_mode: Literal["auto", "online", "offline"] = "auto"
+    """online: stream to the W&B server; offline: write the run to {train.run_dir}/wandb only (upload it later with
+    wandb sync); auto: online when an API key (WANDB_API_KEY or ~/.netrc) and the server are reachable, else offline
+    (one log line says why). An environment WANDB_MODE is honoured by auto."""
     profile_steps: list[int] = field(default_factory=list)
     """[from, to]: record a torch.profiler trace of training steps from..to (inclusive, 1-based) on every rank, written
     as Chrome/Perfetto JSON to {train.run_dir}/profile/trace_rank{R}_steps{from}-{to}.json (open it in
-    https://ui.perfetto.dev or chrome://tracing). Empty = off."""
+    https://ui.perfetto.dev or chrome://tracing). In those steps each transformer layer's forward and backward is a
+    named range (layer N forward / layer N backward), also as NVTX ranges on GPU (Nsight Systems). Empty = off."""
     memory_snapshot_step: int | None = None
     """CUDA: record the allocator's history during this training step (1-based) and dump a memory snapshot per rank to
     {train.run_dir}/profile/memory_snapshot_rank{R}_step{S}.pickle (open it in https://pytorch.org/memory_viz).
@@ -327,6 +339,8 @@ class LogConfig:
                "[] (off) or [from, to] with 1 <= from <= to")
         _check(self.memory_snapshot_step is None or self.memory_snapshot_step >= 1, "log.memory_snapshot_step",
                self.memory_snapshot_step, "null (off) or a step >= 1")
+        _check(self.wandb_project is None or self.wandb_project.strip() != "", "log.wandb_project",
+               self.wandb_project, "null (off) or a W&B project name")
 
 
 @dataclass(kw_only=True)

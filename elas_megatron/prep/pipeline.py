@@ -34,6 +34,7 @@ import numpy as np
 from elas_megatron.data.indexed import ShardStats, ShardWriter, is_complete, read_meta, token_dtype
 from elas_megatron.prep.sources import BadLinePolicy, Block, InputFormatError, Source, iter_blocks, parse_block
 from elas_megatron.data.tokenizer import Tokenizer, tokenizer_from_bytes
+from elas_megatron.utils.progress import ProgressMeter
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +60,8 @@ class TokenizeOptions:
     block_bytes: int = 4 << 20
     """Decompressed bytes per block of lines."""
     progress: bool = True
-    """Show a tqdm progress bar (bytes read, docs/s, tokens/s)."""
+    """Show progress after 10 s (bytes read, docs/s, tokens/s): a tqdm bar on a terminal, else a log line every
+    tenth (:class:`~elas_megatron.utils.progress.ProgressMeter`)."""
 
     def resolved_workers(self) -> int:
         return self.workers if self.workers > 0 else (os.cpu_count() or 1)
@@ -238,37 +240,31 @@ def _worker_run_shard(source: Source, prefix: str) -> ShardOutcome:
 
 # ------------------------------------------------------------------------------------------------ progress
 class _Progress:
+    """Bytes read (the amount of work) with docs/s, tokens/s and text MB/s as postfix, shown by
+    :class:`~elas_megatron.utils.progress.ProgressMeter` (the style of every progress display: a tqdm bar on a
+    terminal, else a log line every tenth; nothing in the first 10 s)."""
+
     def __init__(self, total_bytes: int, enabled: bool) -> None:
-        self.start = time.perf_counter()
         self.docs = self.tokens = self.text_bytes = 0
         self._last_postfix = 0.0
-        self.bar = None
-        if enabled:
-            try:
-                from tqdm import tqdm
-            except ImportError:  # pragma: no cover - tqdm is a declared dependency
-                logger.warning("tqdm is not installed; no progress bar (pip install tqdm)")
-            else:
-                self.bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="tokenize", mininterval=0.5,
-                                dynamic_ncols=True)
+        self.meter = ProgressMeter(total_bytes, "tokenize", "B", enabled=enabled, unit_scale=True)
 
     def update(self, input_bytes: int, docs: int, tokens: int, text_bytes: int) -> None:
         self.docs += docs
         self.tokens += tokens
         self.text_bytes += text_bytes
-        if self.bar is None:
+        if not self.meter.enabled:
             return
-        self.bar.update(input_bytes)
         now = time.perf_counter()
         if now - self._last_postfix > 0.5:
-            secs = max(now - self.start, 1e-9)
-            self.bar.set_postfix_str(f"{self.docs / secs:,.0f} docs/s, {self.tokens / secs:,.0f} tok/s, "
-                                     f"{self.text_bytes / secs / 1e6:.2f} MB/s text", refresh=False)
+            secs = max(now - self.meter.start, 1e-9)
+            self.meter.set_postfix(f"{self.docs / secs:,.0f} docs/s, {self.tokens / secs:,.0f} tok/s, "
+                                   f"{self.text_bytes / secs / 1e6:.2f} MB/s text")
             self._last_postfix = now
+        self.meter.update(input_bytes)
 
     def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
+        self.meter.close()
 
 
 # --------------------------------------------------------------------------------------------- the runners

@@ -36,7 +36,9 @@ class NumericalError(FloatingPointError):
 _HOOKED = re.compile(r"(embedding|decoder\.layers\.\d+(\.self_attention|\.mlp)?|decoder\.final_layernorm|output_layer)")
 
 
-def _first_tensor(out) -> torch.Tensor | None:
+def first_tensor(out) -> torch.Tensor | None:
+    """The first tensor of a module's output or input (a tensor, or nested tuples/lists whose first item leads to
+    one); None if there is none. Shared by the hooks of the numerical guard, the profiler and the benchmarks."""
     while isinstance(out, (tuple, list)) and out:
         out = out[0]
     return out if isinstance(out, torch.Tensor) else None
@@ -104,7 +106,7 @@ class NumericGuard:
     # hooks ----------------------------------------------------------------------------------------
     @torch.no_grad()
     def _on_output(self, index: int, module, args, output) -> None:
-        out = _first_tensor(output)
+        out = first_tensor(output)
         if out is not None:
             self._act_sums[index] += out.detach().sum(dtype=torch.float32)
 

@@ -5,6 +5,10 @@ snapshot (``log.memory_snapshot_step``), one file per rank in ``{run_dir}/profil
 * ``trace_rank<R>_steps<from>-<to>.json``: Chrome/Perfetto trace JSON of steps from..to (CPU ops, and CUDA kernels
   on GPU; shapes and Python stacks are not recorded, which keeps the file small and the steps' timing close to
   unprofiled). Open it in https://ui.perfetto.dev or chrome://tracing.
+  During the traced steps every transformer layer's forward and backward is a named range, ``layer <N> forward`` /
+  ``layer <N> backward`` (N: the global 1-based layer number), in the trace (``torch.profiler.record_function``)
+  and, on GPU, as NVTX ranges for Nsight Systems (``nsys profile``) too (:class:`LayerRanges`). The hooks that
+  record them exist only during the traced steps: other steps pay nothing.
 * ``memory_snapshot_rank<R>_step<S>.pickle``: the CUDA caching allocator's state and the history of its
   allocations during step S (``torch.cuda.memory._record_memory_history`` / ``_dump_snapshot``); open it in
   https://pytorch.org/memory_viz. On CPU the snapshot is skipped (a log line says so).
@@ -17,10 +21,82 @@ from pathlib import Path
 import torch
 
 from elas_megatron.training.callbacks import Callback
+from elas_megatron.training.numerics import first_tensor
 
-__all__ = ["Profiler"]
+__all__ = ["LayerRanges", "Profiler"]
 
 logger = logging.getLogger(__name__)
+
+
+class LayerRanges:
+    """Named ranges around the forward and the backward of each megatron ``TransformerLayer`` of ``chunks``, while
+    installed (:meth:`remove` takes the hooks away).
+
+    Forward: module pre/post hooks open and close ``layer <N> forward``. Backward: when the forward ran with
+    gradients, a gradient hook on the layer's output opens ``layer <N> backward`` (the gradient reaching the layer)
+    and one on its input closes it (the gradient leaving it); each micro-batch's pair shares its own handle, so
+    pipeline schedules with several forwards in flight pair correctly. A range is a
+    ``torch.profiler.record_function`` (in torch.profiler traces) and, with ``nvtx``, an NVTX range
+    (``torch.cuda.nvtx.range_start/range_end``; not nested push/pop, because the backward of layer N ends on the
+    same gradient as the backward of layer N-1 begins). Under activation recomputation the recomputed forward shows
+    as a forward range inside the backward.
+    """
+
+    def __init__(self, chunks, *, nvtx: bool) -> None:
+        from megatron.core.transformer.transformer_layer import TransformerLayer
+
+        self.nvtx = nvtx
+        self._handles = []
+        self._open: dict[int, list] = {}  # id(layer) -> open forward ranges (a stack: forwards nest only in recompute)
+        self.names: list[str] = []
+        for chunk in chunks:
+            for module in chunk.modules():
+                if isinstance(module, TransformerLayer):
+                    name = f"layer {module.layer_number}"
+                    self.names.append(name)
+                    self._handles.append(module.register_forward_pre_hook(self._pre_hook(name), with_kwargs=True))
+                    self._handles.append(module.register_forward_hook(self._post_hook(name), with_kwargs=True))
+
+    def _begin(self, name: str):
+        rf = torch.autograd.profiler.record_function(name)
+        rf.__enter__()
+        return rf, torch.cuda.nvtx.range_start(name) if self.nvtx else None
+
+    def _end(self, handle) -> None:
+        rf, nvtx_id = handle
+        if nvtx_id is not None:
+            torch.cuda.nvtx.range_end(nvtx_id)
+        rf.__exit__(None, None, None)
+
+    def _pre_hook(self, name: str):
+        def hook(module, args, kwargs):
+            self._open.setdefault(id(module), []).append(self._begin(f"{name} forward"))
+        return hook
+
+    def _post_hook(self, name: str):
+        def hook(module, args, kwargs, output):
+            self._end(self._open[id(module)].pop())
+            inp = first_tensor(kwargs.get("hidden_states", args[0] if args else None))
+            out = first_tensor(output)
+            if (torch.is_grad_enabled() and inp is not None and out is not None and inp.requires_grad
+                    and out.requires_grad):
+                backward: list = []  # this forward's backward range, once it is open
+
+                def begin(grad):
+                    backward.append(self._begin(f"{name} backward"))
+
+                def end(grad):
+                    if backward:
+                        self._end(backward.pop())
+
+                out.register_hook(begin)
+                inp.register_hook(end)
+        return hook
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
 
 
 class Profiler(Callback):
@@ -41,6 +117,7 @@ class Profiler(Callback):
                             "is on %s)", self.snapshot_step, device.type)
             self.snapshot_step = None
         self._prof = None
+        self._layers: LayerRanges | None = None
         self._recording_memory = False
         self.trace_path: Path | None = None
         self.snapshot_path: Path | None = None
@@ -48,6 +125,7 @@ class Profiler(Callback):
     def on_step_begin(self, trainer, step: int) -> None:
         if self.steps is not None and step == self.steps[0]:
             self._start_trace()
+            self._layers = LayerRanges(trainer.model, nvtx=self.device.type == "cuda")
         if step == self.snapshot_step:
             torch.cuda.memory._record_memory_history(max_entries=1_000_000)
             self._recording_memory = True
@@ -73,6 +151,9 @@ class Profiler(Callback):
         self._prof.start()
 
     def _stop_trace(self) -> None:
+        if self._layers is not None:
+            self._layers.remove()
+            self._layers = None
         prof, self._prof = self._prof, None
         prof.stop()
         self.dir.mkdir(parents=True, exist_ok=True)

@@ -105,7 +105,8 @@ class Trainer:
                                      flops_per_token=flops_per_token(cfg.model, self.vocab_size, t.seq_len),
                                      device=self.device, num_gpus=self.info.world_size, every=cfg.log.every,
                                      last_step=t.steps,
-                                     sinks=build_sinks(cfg.log, self.run_dir) if self.info.is_logging_rank else ())
+                                     sinks=build_sinks(cfg.log, self.run_dir, resume=resume,
+                                                       config=config_to_dict(cfg)) if self.info.is_logging_rank else ())
         own: list[Callback] = []
         if cfg.log.profile_steps or cfg.log.memory_snapshot_step is not None:
             own.append(Profiler(self.run_dir, rank=self.info.global_rank, device=self.device,

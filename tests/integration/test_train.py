@@ -38,6 +38,7 @@ def test_loss_falls(tmp_path, variant):
     assert last < first - 0.5, (first, last)
     evals = [r for r in records if "val_loss" in r]
     assert evals and evals[-1]["step"] == 30 and evals[-1]["val_ppl"] > 1
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))  # configs/demo.yaml turns TensorBoard on
 
 
 def test_resume_continues_the_step_count_and_the_losses(tmp_path):

@@ -54,6 +54,21 @@ def test_round_trip_detokenizes_to_the_source_text(c4_dir, tmp_path, demo_tokeni
     assert "documents 180" in summary.format() and "tokens/s" in summary.format()
 
 
+def test_progress_without_a_terminal_is_a_log_line_per_tenth_in_the_common_style(c4_dir, tmp_path, demo_tokenizer,
+                                                                                   caplog, monkeypatch):
+    monkeypatch.setattr("elas_megatron.utils.progress.DELAY_S", 0.0)  # show it at once (normally after 10 s)
+    caplog.set_level("INFO", logger="elas_megatron.utils.progress")
+    tokenize_corpus(expand_inputs([str(c4_dir)]), f"{tmp_path}/tok/", demo_tokenizer,
+                    _opts(block_bytes=2048, progress=True))
+    lines = [r.getMessage() for r in caplog.records if r.name == "elas_megatron.utils.progress"]
+    assert len(lines) >= 3, lines
+    # e.g. "tokenize 30.7k/102k B (30%), elapsed 0:00:00, ETA 0:00:00, 9,114 docs/s, 2,310,112 tok/s, 8.02 MB/s text"
+    assert all(line.startswith("tokenize ") and " B" in line and "docs/s, " in line and "MB/s text" in line
+               for line in lines), lines
+    assert "%), elapsed " in lines[0] and ", ETA " in lines[0]
+    assert ", elapsed " in lines[-1] and "ETA" not in lines[-1]  # the closing line: the total time
+
+
 def test_blocks_with_a_pool_write_the_same_bytes(c4_dir, tmp_path, demo_tokenizer):
     sources = expand_inputs([str(c4_dir)])
     one = tokenize_corpus(sources, f"{tmp_path}/one/", demo_tokenizer, _opts(block_bytes=4096))
