@@ -5,12 +5,16 @@ of that module runs under ``warnings.catch_warnings()`` with exactly these messa
 by ``elas_megatron/__init__.py``), so the same message raised anywhere else, or any other warning raised during the
 import, still shows. A module imported before :func:`install` ran keeps its warnings.
 
-This module imports neither torch nor megatron (the dry run must stay light).
+One warning is raised at run time, not at import: :func:`ignore_row_parallel_forward_tp_group`.
+
+This module imports neither torch nor megatron at import (the dry run must stay light).
 """
 from __future__ import annotations
 
 import importlib.abc
 import importlib.machinery
+import inspect
+import re
 import sys
 import warnings
 
@@ -71,3 +75,25 @@ def install() -> None:
     """Put the finder first on ``sys.meta_path`` (once)."""
     if not any(isinstance(f, _QuietFinder) for f in sys.meta_path):
         sys.meta_path.insert(0, _QuietFinder())
+
+
+def ignore_row_parallel_forward_tp_group() -> None:
+    """Ignore "tp_group is None" raised from the one line of megatron-core that a stock ``RowParallelLinear``
+    reaches on every forward.
+
+    megatron-core 0.16.1's ``RowParallelLinear.forward`` passes ``tp_group=None`` to
+    ``linear_with_grad_accumulation_and_async_allreduce`` (which needs no group there: it reduces afterwards), and
+    that function's ``get_tensor_model_parallel_group_if_none`` warns (DeprecationWarning) on every forward of a
+    full-rank row-parallel layer (the dense attention output and FFN down projection). The filter matches that
+    call's module and line, found from the source, so the same warning from any other call still shows; a
+    megatron-core without that call gets no filter. Called where a model is built (warning filters are
+    process-wide; pytest restores them after each test).
+    """
+    from megatron.core.tensor_parallel import layers
+
+    fn = layers.linear_with_grad_accumulation_and_async_allreduce
+    lines, first = inspect.getsourcelines(fn)
+    for offset, text in enumerate(lines):
+        if "get_tensor_model_parallel_group_if_none(" in text:
+            warnings.filterwarnings("ignore", message="Warning: tp_group is None", category=DeprecationWarning,
+                                    module=re.escape(layers.__name__) + "$", lineno=first + offset)

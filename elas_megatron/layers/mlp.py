@@ -77,6 +77,13 @@ class ColaMLP(MLP):
     does not cover (MoE token scales, clamped or offset GLUs, another activation) take ``MLP.forward``.
     """
 
+    def __init__(self, config: TransformerConfig, submodules: MLPSubmodules, is_expert: bool = False,
+                 input_size: int | None = None, ffn_hidden_size: int | None = None,
+                 tp_group: torch.distributed.ProcessGroup | None = None) -> None:
+        # TransformerLayer passes tp_group to megatron's MLP class only, not to a subclass
+        super().__init__(config, submodules, is_expert=is_expert, input_size=input_size,
+                         ffn_hidden_size=ffn_hidden_size, tp_group=tp_group_or_default(tp_group))
+
     def forward(self, hidden_states: torch.Tensor, per_token_scale: torch.Tensor | None = None, **kwargs):
         cfg = self.config
         if (per_token_scale is not None or not hasattr(self.linear_fc1, "parts") or not cfg.gated_linear_unit

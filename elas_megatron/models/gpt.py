@@ -21,6 +21,7 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from elas_megatron.compat.upstream_warnings import ignore_row_parallel_forward_tp_group
 from elas_megatron.config.schema import Config, ModelConfig, ParallelConfig
 from elas_megatron.layers.specs import (
     get_final_norm,
@@ -224,6 +225,7 @@ def build_gpt(model_cfg: ModelConfig, parallel_cfg: ParallelConfig, *, vocab_siz
                          "its weights inside the initialisation it skips")
     if weight_init == "fast":
         config.perform_initialization = False  # megatron allocates the weights uninitialised; drawn below
+    ignore_row_parallel_forward_tp_group()  # megatron-core's own forward warns; see its docstring
     device = torch.device(device)
     layer_spec = get_layer_spec(m, get_variant(m.variant), sequence_parallel=p.sequence_parallel,
                                 attention_backend=resolve_attention_backend(m.attention_backend, device),
