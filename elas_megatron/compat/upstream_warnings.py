@@ -5,12 +5,14 @@ of that module runs under ``warnings.catch_warnings()`` with exactly these messa
 by ``elas_megatron/__init__.py``), so the same message raised anywhere else, or any other warning raised during the
 import, still shows. A module imported before :func:`install` ran keeps its warnings.
 
-One warning is raised at run time, not at import: :func:`ignore_row_parallel_forward_tp_group`.
+Raised at run time, not at import: :func:`ignore_row_parallel_forward_tp_group` (every forward of a stock
+row-parallel layer) and :func:`dist_checkpoint_load_warnings_ignored` (loading a checkpoint).
 
 This module imports neither torch nor megatron at import (the dry run must stay light).
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.abc
 import importlib.machinery
 import inspect
@@ -97,3 +99,21 @@ def ignore_row_parallel_forward_tp_group() -> None:
         if "get_tensor_model_parallel_group_if_none(" in text:
             warnings.filterwarnings("ignore", message="Warning: tp_group is None", category=DeprecationWarning,
                                     module=re.escape(layers.__name__) + "$", lineno=first + offset)
+
+
+DIST_CHECKPOINT_LOAD_WARNINGS: list[tuple[type[Warning], str, str]] = [
+    (FutureWarning, r"`load_state_dict` is deprecated and will be removed",
+     "megatron-core 0.16.1's torch dist-checkpoint strategy calls torch.distributed.checkpoint.load_state_dict"),
+    (FutureWarning, r"Please use DTensor instead and we are deprecating ShardedTensor",
+     "the same strategy builds torch ShardedTensors to load into; megatron-core, not our state dict, picks them"),
+]
+
+
+@contextlib.contextmanager
+def dist_checkpoint_load_warnings_ignored():
+    """Around ``megatron.core.dist_checkpointing.load``: its two FutureWarnings about torch APIs it calls (printed
+    on every resume otherwise), and nothing else."""
+    with warnings.catch_warnings():
+        for category, message, _why in DIST_CHECKPOINT_LOAD_WARNINGS:
+            warnings.filterwarnings("ignore", message=message, category=category)
+        yield
