@@ -26,7 +26,9 @@ transformations, each the least that makes the command run here:
 * ``elas-prep merge`` finds the per-shard datasets of the ``elas-prep tokenize`` commands in
   ``data/c4/tokens/shards/`` (made once per module), so that each command runs on its own.
 
-A marked ``elas-train`` command (one that trains) still has its config checked: it runs with ``--dry-run``.
+A command that runs must exit 0 and print no warning (it runs with ``PYTHONWARNINGS=always``: upstream warnings
+are dropped where they are raised, see :mod:`elas_megatron.compat.upstream_warnings`). A marked ``elas-train``
+command (one that trains) still has its config checked: it runs with ``--dry-run``.
 """
 from __future__ import annotations
 
@@ -178,7 +180,8 @@ def as_run_here(argv: list[str], cwd: Path, tmp: Path) -> list[str]:
 def run(argv: list[str], cwd: Path) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "WORLD_SIZE", "RANK", "NNODES",
                                                                         "NODE_RANK", "NPROC_PER_NODE"))}
-    env.update(PYTHON=sys.executable, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")])))
+    env.update(PYTHON=sys.executable, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")])),
+               PYTHONWARNINGS="always")  # every warning shows, DeprecationWarnings included
     return subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=180, check=False)
 
 
@@ -198,6 +201,8 @@ def test_documented_command_runs(cmd, checkout, checkout_template, tmp_path):
     argv = as_run_here(argv, checkout, tmp_path)
     out = run(argv, checkout)
     assert out.returncode == 0, f"{cmd.doc}:{cmd.line}: {shlex.join(argv)}\n{out.stdout[-2000:]}\n{out.stderr[-2000:]}"
+    warned = [line for line in out.stderr.splitlines() if re.search(r"\w+Warning: ", line)]
+    assert not warned, f"{cmd.doc}:{cmd.line}: {cmd.text} warns:\n" + "\n".join(warned[:10])
     if "--help" in argv:
         assert Path(cmd.argv[0]).name in out.stdout and out.stderr == ""
     elif "--print-config" in argv:
