@@ -6,6 +6,8 @@ import os
 import pytest
 import torch
 
+import elas_megatron  # noqa: F401  first: megatron-core's import-time notices are dropped at their source
+
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # 2-core CI machines: torchrun tests spawn several processes
 
 

@@ -38,6 +38,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
+from megatron.core import parallel_state
 from megatron.core.model_parallel_config import ModelParallelConfig
 from megatron.core.tensor_parallel.layers import (
     set_defaults_if_not_set_tensor_model_parallel_attributes,
@@ -60,6 +61,7 @@ __all__ = [
     "LowRankRowParallelLinear",
     "cola_init_std",
     "is_low_rank_module",
+    "tp_group_or_default",
 ]
 
 
@@ -114,6 +116,19 @@ def _fill_shard(param: torch.Tensor, std: float, full_shape: tuple[int, int], di
     param.copy_(full.to(param.dtype))
 
 
+def tp_group_or_default(tp_group: torch.distributed.ProcessGroup | None) -> torch.distributed.ProcessGroup | None:
+    """``tp_group``, else megatron's default tensor-parallel group, taken explicitly.
+
+    megatron-core's ``get_tensor_model_parallel_group_if_none`` does the same but warns "tp_group is None, using
+    default tp group" (DeprecationWarning, 0.16): its ``TransformerLayer`` passes a group only to megatron's own MLP
+    classes, so ``ElasMLP`` (and a layer built on its own) gets None, and the default group is the intended one.
+    Without an initialised process group the result is megatron's (None, or ``tp_group`` as given).
+    """
+    if tp_group is None and torch.distributed.is_initialized() and parallel_state.is_initialized():
+        return parallel_state.get_tensor_model_parallel_group()
+    return get_tensor_model_parallel_group_if_none(tp_group)
+
+
 class _LowRankBase(MegatronModule):
     """Shared bookkeeping: activation, TP group, sequence parallelism and the factors' global layout."""
 
@@ -125,7 +140,7 @@ class _LowRankBase(MegatronModule):
         self.rank = rank
         self.activation_name = activation
         self.activation = _activation(activation)
-        self.tp_group = get_tensor_model_parallel_group_if_none(tp_group)
+        self.tp_group = tp_group_or_default(tp_group)
         self.tp_size = get_pg_size(self.tp_group)
         self.tp_rank = get_pg_rank(self.tp_group)
         self.sequence_parallel = bool(config.sequence_parallel) and self.tp_size > 1

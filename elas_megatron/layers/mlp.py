@@ -29,11 +29,10 @@ from megatron.core.transformer.mlp import MLP, MLPSubmodules
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.transformer.transformer_config import TransformerConfig
-from megatron.core.utils import get_tensor_model_parallel_group_if_none
 
 from elas_megatron.kernels.dispatch import lowrank_relu2_sparse24_matmul, relu2_sparse24_matmul
 from elas_megatron.kernels.swiglu import swiglu
-from elas_megatron.layers.low_rank import LowRankColumnParallelLinear, LowRankRowParallelLinear
+from elas_megatron.layers.low_rank import LowRankColumnParallelLinear, LowRankRowParallelLinear, tp_group_or_default
 
 __all__ = ["GRAD_MODES", "ColaMLP", "ElasMLP", "cola_mlp_spec", "elas_mlp_spec"]
 
@@ -77,6 +76,13 @@ class ColaMLP(MLP):
     :func:`~elas_megatron.kernels.swiglu.swiglu`. Same parameters, checkpoint keys and values as ``MLP``; calls it
     does not cover (MoE token scales, clamped or offset GLUs, another activation) take ``MLP.forward``.
     """
+
+    def __init__(self, config: TransformerConfig, submodules: MLPSubmodules, is_expert: bool = False,
+                 input_size: int | None = None, ffn_hidden_size: int | None = None,
+                 tp_group: torch.distributed.ProcessGroup | None = None) -> None:
+        # TransformerLayer passes tp_group to megatron's MLP class only, not to a subclass
+        super().__init__(config, submodules, is_expert=is_expert, input_size=input_size,
+                         ffn_hidden_size=ffn_hidden_size, tp_group=tp_group_or_default(tp_group))
 
     def forward(self, hidden_states: torch.Tensor, per_token_scale: torch.Tensor | None = None, **kwargs):
         cfg = self.config
@@ -128,7 +134,7 @@ class ElasMLP(MegatronModule):
             raise ValueError(f"model.sparse24_grad={sparse24_grad!r} is unknown; choose one of {GRAD_MODES}")
         self.input_size = input_size or config.hidden_size
         self.ffn_hidden_size = ffn_hidden_size or config.ffn_hidden_size
-        self.tp_group = get_tensor_model_parallel_group_if_none(tp_group)
+        self.tp_group = tp_group_or_default(tp_group)
         tp_size = self.tp_group.size()
         if self.ffn_hidden_size % (4 * tp_size) != 0:
             raise ValueError(f"model.ffn_hidden_size={self.ffn_hidden_size} must be a multiple of 4 * tp = "

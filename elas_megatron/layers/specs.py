@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
+from megatron.core.transformer.mlp import MLP
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_layer import TransformerLayerSubmodules
 
@@ -218,6 +219,12 @@ def get_layer_spec(model_cfg: ModelConfig, variant: Variant, *, sequence_paralle
     if sequence_parallel and not ctx.te:
         _swap(layer, "input_layernorm", RMSNorm, "layer", "sequence-parallel RMSNorm")
         _swap(layer, "pre_mlp_layernorm", RMSNorm, "layer", "sequence-parallel RMSNorm")
+    mlp = layer.mlp
+    if isinstance(mlp, ModuleSpec) and isinstance(mlp.module, type) and issubclass(mlp.module, MLP) \
+            and model_cfg.ffn_hidden_size is not None:
+        # megatron-core 0.16's TransformerLayer gives an MLP no ffn_hidden_size, and MLP warns (DeprecationWarning)
+        # before taking config.ffn_hidden_size: the same width, passed explicitly
+        mlp.params = {**mlp.params, "ffn_hidden_size": model_cfg.ffn_hidden_size}
     if ctx.te:
         # Where the variant replaced a fused TE LayerNorm+Linear, keep the dist-checkpoint keys of the separate
         # norm identical to the local spec's (which maps them to TE's fused names), so local and TE runs can

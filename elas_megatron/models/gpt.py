@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import warnings
 from collections.abc import Iterator
 
 import torch
@@ -21,6 +22,7 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from elas_megatron.compat.upstream_warnings import ignore_row_parallel_forward_tp_group
 from elas_megatron.config.schema import Config, ModelConfig, ParallelConfig
 from elas_megatron.layers.specs import (
     get_final_norm,
@@ -108,42 +110,48 @@ def model_transformer_config(model_cfg: ModelConfig, parallel_cfg: ParallelConfi
     p2p buffers match. Fusions that need Apex/TE or CUDA are off on CPU (``on_cuda=False``).
     """
     m, p = model_cfg, parallel_cfg
-    return TransformerConfig(
-        num_layers=m.num_layers,
-        hidden_size=m.hidden_size,
-        num_attention_heads=m.num_heads,
-        num_query_groups=m.kv_heads,
-        kv_channels=m.hidden_size // m.num_heads,
-        ffn_hidden_size=m.ffn_hidden_size,
-        normalization="RMSNorm",
-        layernorm_epsilon=m.norm_eps,
-        add_bias_linear=False,
-        add_qkv_bias=False,
-        hidden_dropout=0.0,
-        attention_dropout=0.0,
-        init_method_std=m.init_std,
-        tensor_model_parallel_size=p.tp,
-        pipeline_model_parallel_size=p.pp,
-        virtual_pipeline_model_parallel_size=p.vpp,
-        sequence_parallel=p.sequence_parallel,
-        num_layers_in_first_pipeline_stage=p.first_stage_layers,
-        num_layers_in_last_pipeline_stage=p.last_stage_layers,
-        **_recompute_kwargs(p.recompute),
-        params_dtype=torch.float32,
-        bf16=bf16,
-        pipeline_dtype=torch.bfloat16 if bf16 else torch.float32,
-        use_cpu_initialization=True,
-        # Fusions: the jit-scripted bias/activation/dropout fusions only pay off on CUDA; the softmax, RoPE
-        # and grad-accumulation fusions need Apex/TE kernels. The variant sets gated_linear_unit,
-        # activation_func and bias_activation_fusion.
-        **get_variant(m.variant).transformer_kwargs(m, on_cuda=on_cuda),
-        bias_dropout_fusion=on_cuda,
-        masked_softmax_fusion=False,
-        gradient_accumulation_fusion=False,
-        apply_rope_fusion=on_cuda and te_available(),
-        persist_layer_norm=False,
-        **_quiet_defaults(),
-    )
+    with warnings.catch_warnings():
+        if m.spec == "local":
+            # megatron-core warns on recompute_modules=["core_attn"] (parallel.recompute=selective) that TE's fused
+            # attention may not need recomputing: advice about the TE spec, untrue of the local one
+            warnings.filterwarnings("ignore", message="If you are using transformer_engine as the transformer "
+                                    "implementation", category=UserWarning)
+        return TransformerConfig(
+            num_layers=m.num_layers,
+            hidden_size=m.hidden_size,
+            num_attention_heads=m.num_heads,
+            num_query_groups=m.kv_heads,
+            kv_channels=m.hidden_size // m.num_heads,
+            ffn_hidden_size=m.ffn_hidden_size,
+            normalization="RMSNorm",
+            layernorm_epsilon=m.norm_eps,
+            add_bias_linear=False,
+            add_qkv_bias=False,
+            hidden_dropout=0.0,
+            attention_dropout=0.0,
+            init_method_std=m.init_std,
+            tensor_model_parallel_size=p.tp,
+            pipeline_model_parallel_size=p.pp,
+            virtual_pipeline_model_parallel_size=p.vpp,
+            sequence_parallel=p.sequence_parallel,
+            num_layers_in_first_pipeline_stage=p.first_stage_layers,
+            num_layers_in_last_pipeline_stage=p.last_stage_layers,
+            **_recompute_kwargs(p.recompute),
+            params_dtype=torch.float32,
+            bf16=bf16,
+            pipeline_dtype=torch.bfloat16 if bf16 else torch.float32,
+            use_cpu_initialization=True,
+            # Fusions: the jit-scripted bias/activation/dropout fusions only pay off on CUDA; the softmax, RoPE
+            # and grad-accumulation fusions need Apex/TE kernels. The variant sets gated_linear_unit,
+            # activation_func and bias_activation_fusion.
+            **get_variant(m.variant).transformer_kwargs(m, on_cuda=on_cuda),
+            bias_dropout_fusion=on_cuda,
+            masked_softmax_fusion=False,
+            gradient_accumulation_fusion=False,
+            apply_rope_fusion=on_cuda and te_available(),
+            persist_layer_norm=False,
+            **_quiet_defaults(),
+        )
 
 
 def _quiet_defaults() -> dict:
@@ -224,6 +232,7 @@ def build_gpt(model_cfg: ModelConfig, parallel_cfg: ParallelConfig, *, vocab_siz
                          "its weights inside the initialisation it skips")
     if weight_init == "fast":
         config.perform_initialization = False  # megatron allocates the weights uninitialised; drawn below
+    ignore_row_parallel_forward_tp_group()  # megatron-core's own forward warns; see its docstring
     device = torch.device(device)
     layer_spec = get_layer_spec(m, get_variant(m.variant), sequence_parallel=p.sequence_parallel,
                                 attention_backend=resolve_attention_backend(m.attention_backend, device),

@@ -57,6 +57,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.api import CheckpointException
 
+from elas_megatron.compat.upstream_warnings import dist_checkpoint_load_warnings_ignored
 from elas_megatron.training.checkpoint_trust import (read_json, resolve_latest, verify_manifest, vet_checkpoint,
                                                      write_manifest)
 from elas_megatron.utils.errors import CheckpointError
@@ -446,7 +447,8 @@ class CheckpointManager:
             error = str(exc)
         _agree(error, "checkpoint refused")
         try:
-            return dist_checkpointing.load(sharded_state_dict, str(path))
+            with dist_checkpoint_load_warnings_ignored():  # megatron-core's calls of deprecated torch APIs
+                return dist_checkpointing.load(sharded_state_dict, str(path))
         except (Exception, CheckpointException) as exc:  # torch/megatron raise many kinds here
             raise CheckpointError(
                 f"checkpoint {path} could not be loaded ({_oneline(exc)[:400]}); if it was damaged after it was "

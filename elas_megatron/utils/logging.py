@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import logging
 import logging.handlers
-import warnings
 from pathlib import Path
 
 _FORMAT = "%(asctime)s [rank{rank}] %(levelname)s %(name)s: %(message)s"
@@ -38,9 +37,6 @@ def init_logging(level: str = "info", *, rank: int = 0, verbose_ranks: bool = Fa
     logging.basicConfig(level=lvl if log_dir is not None else console_lvl, handlers=handlers, force=True)
     # Megatron-Core logs every bucket and parameter at INFO: keep it to warnings unless debugging.
     logging.getLogger("megatron").setLevel(logging.DEBUG if lvl == logging.DEBUG else logging.WARNING)
-    # Megatron-Core's import-time notices about optional fused kernels are noise for our users.
-    for pattern in ("Transformer Engine and Apex are not installed", "Apex is not installed"):
-        warnings.filterwarnings("ignore", message=pattern)
 
 
 class _RankLogBuffer(logging.handlers.MemoryHandler):

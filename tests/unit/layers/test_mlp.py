@@ -63,7 +63,11 @@ def test_sparse_and_dense_elas_differ_and_pattern_is_24(tconfig):
 
 def test_cola_mlp_is_megatron_swiglu_with_lowrank_linears(tconfig):
     cfg = tconfig("cola")
-    mlp = build_module(cola_mlp_spec(rank=8), config=cfg, tp_group=None)
+    from megatron.core import parallel_state
+
+    # as TransformerLayer builds megatron's MLP: with the TP group and the FFN width
+    mlp = build_module(cola_mlp_spec(rank=8), config=cfg, tp_group=parallel_state.get_tensor_model_parallel_group(),
+                       ffn_hidden_size=cfg.ffn_hidden_size)
     fc1, fc2 = mlp.linear_fc1, mlp.linear_fc2
     x = torch.randn(5, 2, 32)
     out, bias = mlp(x)
@@ -79,3 +83,16 @@ def test_elas_mlp_rejects_bad_shapes_and_modes(tconfig):
         build_module(elas_mlp_spec(rank=8), config=tconfig("elas", ffn_hidden_size=50))
     with pytest.raises(ValueError, match="sparse24_grad"):
         build_module(elas_mlp_spec(rank=8, sparse24_grad="ste"), config=tconfig("elas"))
+
+
+def test_a_layer_built_without_tp_group_takes_the_default_one_without_megatrons_warning(tconfig):
+    import warnings
+
+    from megatron.core import parallel_state
+
+    cfg = tconfig("elas")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*tp_group is None")
+        mlp = build_module(elas_mlp_spec(rank=8), config=cfg)  # as TransformerLayer builds it: no tp_group
+    assert mlp.tp_group is parallel_state.get_tensor_model_parallel_group()
+    assert mlp.linear_fc1.tp_group is mlp.tp_group and mlp.linear_fc2.tp_group is mlp.tp_group

@@ -38,8 +38,17 @@ def _slots(spec):
 
 
 def test_dense_is_megatrons_local_spec():
-    assert repr(_spec(_model("dense"), attention_backend="local")) == repr(
-        get_gpt_layer_local_spec(normalization="RMSNorm"))
+    stock = get_gpt_layer_local_spec(normalization="RMSNorm")
+    # the one addition: the FFN width megatron's MLP would take from the config, given explicitly (no warning)
+    stock.submodules.mlp.params = {"ffn_hidden_size": 48}
+    assert repr(_spec(_model("dense"), attention_backend="local")) == repr(stock)
+
+
+def test_every_mlp_of_megatrons_class_gets_its_width():
+    for variant in ("dense", "cola"):
+        for parts in ("fused", "separate"):
+            mlp = _spec(_model(variant, lowrank_parts=parts), attention_backend="local").submodules.mlp
+            assert issubclass(mlp.module, MLP) and mlp.params["ffn_hidden_size"] == 48
 
 
 def test_variants_swap_only_their_slots(caplog, monkeypatch):

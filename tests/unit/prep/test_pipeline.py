@@ -11,6 +11,7 @@ import pytest
 from c4_testdata import REPO, generate_docs, write_shard
 
 from elas_megatron.data.indexed import check_indexed_dataset, is_complete, read_meta
+from elas_megatron.prep import pipeline
 from elas_megatron.prep.pipeline import TokenizeError, TokenizeOptions, output_prefix_for, tokenize_corpus
 from elas_megatron.prep.sources import expand_inputs, iter_texts
 from elas_megatron.prep.tokenizer_training import train_tokenizer
@@ -74,9 +75,14 @@ def test_blocks_with_a_pool_write_the_same_bytes(c4_dir, tmp_path, demo_tokenize
     one = tokenize_corpus(sources, f"{tmp_path}/one/", demo_tokenizer, _opts(block_bytes=4096))
     two = tokenize_corpus(sources, f"{tmp_path}/two/", demo_tokenizer,
                           _opts(workers=2, mode="blocks", block_bytes=4096))
-    assert two.mode == "blocks" and two.workers == 2
+    assert two.mode == "blocks" and two.workers == min(2, pipeline.usable_cores())
     for a, b in zip(one.done, two.done, strict=True):
         assert _files(a.prefix) == _files(b.prefix)
+
+
+def test_workers_are_at_most_the_usable_cores(monkeypatch):
+    monkeypatch.setattr(pipeline, "usable_cores", lambda: 2)
+    assert [TokenizeOptions(workers=n).resolved_workers() for n in (0, 1, 2, 64)] == [2, 1, 2, 2]
 
 
 def test_shards_mode_writes_the_same_bytes(c4_dir, tmp_path, demo_tokenizer):
