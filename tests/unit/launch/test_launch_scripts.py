@@ -23,7 +23,9 @@ for v in OMP_NUM_THREADS CUDA_DEVICE_MAX_CONNECTIONS PET_SIGNALS_TO_HANDLE PET_S
     echo "env node=${SLURM_NODEID:-x} $v=${!v:-}" >> "$STUB_LOG"
 done
 if [ -n "${STUB_WAIT_SIGNAL:-}" ]; then
-    trap 'echo "torchrun node=${SLURM_NODEID:-x} got USR1" >> "$STUB_LOG"; exit 0' USR1
+    on_signal() { echo "torchrun node=${SLURM_NODEID:-x} got $1" >> "$STUB_LOG"; exit 0; }
+    trap 'on_signal USR1' USR1
+    trap 'on_signal TERM' TERM
     touch "$STUB_DIR/ready.${SLURM_NODEID:-x}"
     for _ in $(seq 600); do sleep 0.1; done
     exit 3
@@ -36,7 +38,9 @@ while [[ $1 == -* ]]; do case $1 in --nodes=*) nodes=${1#*=} ;; esac; shift; don
 echo "srun nodes=$nodes $*" >> "$STUB_LOG"
 pids=()
 for ((i = 0; i < nodes; i++)); do SLURM_NODEID=$i SLURM_PROCID=$i "$@" & pids+=($!); done
-trap 'echo "srun forwards USR1" >> "$STUB_LOG"; kill -USR1 "${pids[@]}" 2>/dev/null' USR1
+forward() { echo "srun forwards $1" >> "$STUB_LOG"; kill -"$1" "${pids[@]}" 2>/dev/null; }
+trap 'forward USR1' USR1
+trap 'forward TERM' TERM
 rc=0
 for p in "${pids[@]}"; do
     while :; do wait "$p" && r=0 || r=$?; kill -0 "$p" 2>/dev/null || break; done
@@ -45,9 +49,11 @@ done
 exit $rc
 """
 STUB_SCONTROL = """#!/usr/bin/env bash
-case "$1" in
-    show) printf 'gpu-a01\\ngpu-a02\\n' ;;
-    requeue) echo "scontrol requeue $2" >> "$STUB_LOG" ;;
+case "$1 $2" in
+    "show hostnames") printf 'gpu-a01\\ngpu-a02\\n' ;;
+    "show node") echo "NodeName=$4 Arch=x86_64 CoresPerSocket=8 NodeAddr=10.0.0.${4: -1} NodeHostName=$4" ;;
+    "show job") echo "JobId=$4 JobName=elas UserId=u(1) JobState=${STUB_JOB_STATE:-RUNNING} Reason=None" ;;
+    requeue*) echo "scontrol requeue $2" >> "$STUB_LOG" ;;
 esac
 """
 STUB_SBATCH = """#!/usr/bin/env bash
@@ -134,36 +140,52 @@ def test_sbatch_runs_one_torchrun_per_node_with_the_first_host_as_rendezvous(stu
     env, log = stubs
     out = run(["bash", "launch/slurm.sbatch", DEMO, "train.micro_batch=4"], slurm_env(env))
     assert out.returncode == 0, out.stderr
-    assert "rendezvous gpu-a01:24242" in out.stdout          # 20000 + 4242 % 20000
+    assert "2 node(s) x 2 process(es) (2 GPU(s)): gpu-a01 gpu-a02; rendezvous 10.0.0.1:24242" in out.stdout
     lines = sorted(torchrun_lines(log))
     assert len(lines) == 2
     for node, line in enumerate(lines):
         assert line.startswith(f"torchrun node={node} --nnodes 2 --nproc-per-node 2 --rdzv-backend c10d "
-                               "--rdzv-endpoint gpu-a01:24242 --rdzv-id 4242 --max-restarts 0 "
+                               "--rdzv-endpoint 10.0.0.1:24242 --rdzv-id 4242 --max-restarts 0 "
                                f"-m elas_megatron.cli.train {DEMO} train.micro_batch=4 --resume")
     assert "srun nodes=2 launch/torchrun.sh" in log.read_text()
     assert "scontrol requeue" not in log.read_text()
     assert out.stdout.count("memory/GPU") == 1              # only node 0 prints the report
 
 
-def test_time_limit_signal_reaches_the_workers_and_the_job_requeues_after_they_exit(stubs, tmp_path):
+def test_cpu_nodes_run_one_process_each(stubs):
     env, log = stubs
-    env = dict(slurm_env(env), STUB_WAIT_SIGNAL="1")
+    env = dict(slurm_env(env), SLURM_GPUS_PER_NODE="0")  # what --gpus-per-node=0 sets
+    del env["SLURM_GPUS_ON_NODE"]
+    out = run(["bash", "launch/slurm.sbatch", DEMO], env)
+    assert out.returncode == 0, out.stderr
+    assert "2 node(s) x 1 process(es) (0 GPU(s))" in out.stdout
+    assert all(" --nnodes 2 --nproc-per-node 1 " in line for line in torchrun_lines(log))
+
+
+@pytest.mark.parametrize("sig, extra_env, requeue", [
+    ("USR1", {}, True),                                    # the time-limit warning: requeue
+    ("USR1", {"ELAS_CHAIN": "1/2"}, False),                # ... unless the next link of a chain continues
+    ("TERM", {"ELAS_CHAIN": "1/2"}, True),                 # scancel --signal=TERM --batch: requeue
+    ("TERM", {"STUB_JOB_STATE": "CANCELLED"}, False),      # scancel: SLURM sent the TERM, job already cancelled
+])
+def test_signal_reaches_the_workers_and_the_job_requeues_after_they_exit(stubs, tmp_path, sig, extra_env, requeue):
+    env, log = stubs
+    env = dict(slurm_env(env), STUB_WAIT_SIGNAL="1", **extra_env)
     proc = subprocess.Popen(["bash", "launch/slurm.sbatch", DEMO, "train.micro_batch=4"], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 60
     while not all((tmp_path / f"ready.{n}").exists() for n in (0, 1)):
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
         time.sleep(0.1)
-    proc.send_signal(signal.SIGUSR1)                       # what `--signal=B:USR1@300` does
+    proc.send_signal(getattr(signal, f"SIG{sig}"))         # USR1: what `--signal=B:USR1@300` does
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err
     events = [line for line in log.read_text().splitlines()
-              if line.startswith(("srun forwards", "scontrol requeue")) or line.endswith("got USR1")]
-    assert events[0] == "srun forwards USR1"
+              if line.startswith(("srun forwards", "scontrol requeue")) or " got " in line]
+    assert events[0] == "srun forwards USR1"               # never TERM: srun would SIGKILL its tasks
     assert sorted(events[1:3]) == ["torchrun node=0 got USR1", "torchrun node=1 got USR1"]
-    assert events[3:] == ["scontrol requeue 4242"]        # only after every worker has exited
-    assert "SIGUSR1 received: forwarding it to the workers" in out
+    assert events[3:] == (["scontrol requeue 4242"] if requeue else [])  # only after every worker has exited
+    assert f"SIG{sig} received: forwarding SIGUSR1 to the workers" in out
 
 
 def test_submit_validates_then_calls_sbatch(stubs):
@@ -213,3 +235,17 @@ def test_submit_keeps_planning_flags_out_of_the_job(stubs):
     sbatch = [line for line in log.read_text().splitlines() if line.startswith("sbatch ")]
     assert len(sbatch) == 1 and sbatch[0].endswith("configs/layout/dp8.yaml train.micro_batch=16 --resume")
     assert "--no-data-check" not in sbatch[0]
+
+
+def test_submit_chain_makes_each_job_depend_on_the_previous_one(stubs, tmp_path):
+    env, log = stubs
+    out = run(["launch/submit.sh", "--nodes=2", "--gpus-per-node=0", "--chain=3", f"--output={tmp_path}/logs/%j.out",
+               "--", DEMO], dict(env, ELAS_SUBMIT_DRY="1"))
+    assert out.returncode == 0, out.stderr
+    assert "world 2 = dp 2" in out.stdout and (tmp_path / "logs").is_dir()   # SLURM does not create it
+    sbatch = [line for line in out.stdout.splitlines() if line.startswith("sbatch ")]
+    assert len(sbatch) == 3
+    assert "--dependency" not in sbatch[0] and "--export=ALL\\,ELAS_CHAIN=1/3 --parsable launch/slurm.sbatch" in sbatch[0]
+    assert "--dependency=afterany:\\<job\\ 2\\>" in sbatch[2] and "ELAS_CHAIN=3/3" in sbatch[2]
+    bad = run(["launch/submit.sh", "--chain=0", DEMO], env)
+    assert bad.returncode == 2 and bad.stderr.strip() == "launch/submit.sh: --chain=0 must be a positive integer"
