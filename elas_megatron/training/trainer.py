@@ -45,6 +45,7 @@ from elas_megatron.training.run_dir import prepare_run_dir
 from elas_megatron.training.signals import StopSignal
 from elas_megatron.training.sinks import build_sinks, check_sinks
 from elas_megatron.training.watchdog import Progress, Watchdog
+from elas_megatron.utils.errors import DataError
 from elas_megatron.utils.progress import ProgressMeter
 from elas_megatron.variants.registry import get_variant
 
@@ -127,9 +128,10 @@ class Trainer:
 
         train_ds, valid_ds = datasets if datasets is not None else self._build_datasets()
         batch_args = dict(micro_batch=t.micro_batch, dp_rank=self.info.dp_rank, dp_size=self.info.dp_size,
-                          device=self.device)
+                          device=self.device, vocab_size=self.vocab_size)
         self.train_batches = StepBatches(train_ds, global_batch=t.global_batch, **batch_args)
-        self.valid_batches = StepBatches(valid_ds, global_batch=t.micro_batch * self.info.dp_size, **batch_args)
+        self.valid_batches = StepBatches(valid_ds, global_batch=t.micro_batch * self.info.dp_size, what="validation",
+                                         **batch_args)
         self.variant = get_variant(cfg.model.variant)
         self.sparsity = SparsitySchedule(self.variant.dense_warmup_steps(cfg.model))
 
@@ -228,6 +230,27 @@ class Trainer:
                        loss_mask=batch["loss_mask"])
         return output, partial(self._loss_func, batch["loss_mask"])
 
+    def _agreed_batches(self, read) -> list[dict]:
+        """``read()`` (this rank's micro-batches, on the host), agreed by every rank: when any rank's data holds a
+        token id outside the vocabulary, every rank raises the same :class:`DataError` (no rank is left waiting in
+        the step's collectives). One MAX all-reduce of one flag in multi-process runs."""
+        error, host = None, []
+        try:
+            host = read()
+        except DataError as exc:
+            error = str(exc)
+        if self.info.world_size > 1:
+            flag = torch.tensor([error is not None], dtype=torch.int32, device=self.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            if flag.item():
+                errors: list[str | None] = [None] * self.info.world_size
+                dist.all_gather_object(errors, error)
+                rank, error = next((r, e) for r, e in enumerate(errors) if e)
+                error = f"rank {rank}: {error}"
+        if error is not None:
+            raise DataError(error)
+        return host
+
     def _run_schedule(self, iterators: list, num_microbatches: int, forward_only: bool) -> float:
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
@@ -277,7 +300,8 @@ class Trainer:
         self.backend.zero_grad()
         self.guard.begin_step()
         batches = self.train_batches
-        iterators = [batches.step_iterator(self.step) for _ in self.model]
+        host = self._agreed_batches(lambda: batches.host_batches(self.step))
+        iterators = [batches.step_iterator(self.step, host) for _ in self.model]
         self._microbatch, self._num_microbatches = 0, batches.num_microbatches * len(self.model)
         try:
             loss = self._run_schedule(iterators, batches.num_microbatches, forward_only=False)
@@ -333,7 +357,8 @@ class Trainer:
         n = self.cfg.train.eval_iters
         progress = ProgressMeter(n, "eval", "batches", enabled=self.info.is_logging_rank)
         try:
-            iterators = [self.valid_batches.eval_iterator(n) for _ in self.model]
+            host = self._agreed_batches(lambda: self.valid_batches.eval_host_batches(n))
+            iterators = [self.valid_batches.eval_iterator(n, host) for _ in self.model]
             iterators[-1] = _counted(iterators[-1], progress)  # the last chunk's batches: the loss's
             loss = self._run_schedule(iterators, n, forward_only=True)
         finally:
