@@ -182,7 +182,14 @@ def _cache_lock(cache_dir: str, rank: int | None) -> Iterator[None]:
     with open(os.path.join(cache_dir, ".build.lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         _sweep_torn_cache(cache_dir)
-        yield
+        before = set(os.listdir(cache_dir))
+        try:
+            yield
+        except BaseException:  # an error or a stop signal (utils/interrupts.py) mid-build: drop what it wrote
+            for name in set(os.listdir(cache_dir)) - before:
+                with contextlib.suppress(FileNotFoundError, IsADirectoryError):
+                    os.unlink(os.path.join(cache_dir, name))
+            raise
 
 
 def _builder_class():

@@ -60,6 +60,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from elas_megatron.training.checkpoint_trust import (read_json, resolve_latest, verify_manifest, vet_checkpoint,
                                                      write_manifest)
 from elas_megatron.utils.errors import CheckpointError
+from elas_megatron.utils.interrupts import deferred
 
 logger = logging.getLogger(__name__)
 
@@ -233,8 +234,9 @@ class CheckpointManager:
             probe = self.dir / ".write_probe"
             try:
                 self.dir.mkdir(parents=True, exist_ok=True)
-                probe.write_text("ok")
-                probe.unlink()
+                with deferred():  # a stop signal at start-up never leaves the probe behind
+                    probe.write_text("ok")
+                    probe.unlink()
             except OSError as exc:
                 error = f"{type(exc).__name__}: {exc}"
         _agree(error, f"cannot write checkpoints to {self.dir} (checkpoint.dir); fix its permissions/space or set "

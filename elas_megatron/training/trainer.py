@@ -46,6 +46,7 @@ from elas_megatron.training.signals import StopSignal
 from elas_megatron.training.sinks import build_sinks, check_sinks
 from elas_megatron.training.watchdog import Progress, Watchdog
 from elas_megatron.utils.errors import DataError
+from elas_megatron.utils.interrupts import Interrupted
 from elas_megatron.utils.progress import ProgressMeter
 from elas_megatron.variants.registry import get_variant
 
@@ -83,11 +84,24 @@ class Trainer:
 
     def __init__(self, cfg: Config, *, resume: bool = False, datasets: tuple | None = None,
                  callbacks: tuple[Callback, ...] | list[Callback] = (), weight_init: str = "exact") -> None:
+        self.progress = Progress()  # where this rank is: start-up phases here, then steps (the watchdog reads it)
+        try:
+            self._build(cfg, resume=resume, datasets=datasets, callbacks=callbacks, weight_init=weight_init)
+        except Interrupted as exc:  # SIGTERM/SIGUSR1 while starting (utils/interrupts.py): say where
+            exc.where = exc.where or self.progress.phase.removeprefix("start-up: ")
+            raise
+
+    def _starting(self, phase: str) -> None:
+        self.progress.update(0, f"start-up: {phase}")
+
+    def _build(self, cfg: Config, *, resume: bool, datasets: tuple | None,
+               callbacks: tuple[Callback, ...] | list[Callback], weight_init: str) -> None:
         from elas_megatron.models.flops import flops_per_token
         from elas_megatron.sparsity.schedule import SparsitySchedule
 
         backend_class(cfg).check_config(cfg)
         check_sinks(cfg.log)  # a requested sink's package is missing: stop before anything is built
+        self._starting("distributed initialisation")
         self.info: ParallelInfo = initialize_parallel(cfg.parallel, seed=cfg.train.seed, device=cfg.train.device)
         validate(cfg, self.info.world_size)
         self.cfg = cfg
@@ -96,6 +110,7 @@ class Trainer:
         self.bf16 = resolve_bf16(cfg, self.device)
         self.vocab_size = self._resolve_vocab_size(datasets is not None)
         self.run_dir = Path(cfg.train.run_dir)
+        self._starting("preparing the run directory")
         # one job per run directory: rank 0 locks it before anything is written there; all ranks stop if it cannot
         self.run_lock = prepare_run_dir(self.run_dir, is_owner=self.info.global_rank == 0,
                                         then=lambda d: dump_config(cfg, d / "config.yaml"))
@@ -120,12 +135,14 @@ class Trainer:
         if cfg.checkpoint.every or cfg.checkpoint.save_final:
             self.ckpt.check_writable()  # before the data and the model: a bad directory costs seconds, not a run
 
+        self._starting("building the model")
         self.model = self._build_model()
         self.backend = build_optimizer_backend(cfg, self.model, bf16=self.bf16, dp_size=self.info.dp_size)
         self.optimizer = self.backend.optimizer
         self.scheduler = build_scheduler(cfg, self.optimizer)
         self.backend.configure_schedule(self.tconfig)
 
+        self._starting("building the datasets")
         train_ds, valid_ds = datasets if datasets is not None else self._build_datasets()
         batch_args = dict(micro_batch=t.micro_batch, dp_rank=self.info.dp_rank, dp_size=self.info.dp_size,
                           device=self.device, vocab_size=self.vocab_size)
@@ -141,7 +158,6 @@ class Trainer:
                                   loss_spike_factor=t.loss_spike_factor, device=self.device,
                                   grads_in_hooks=cfg.parallel.optimizer == "deepspeed" and cfg.parallel.zero_stage >= 2)
         self.guard.wrap_finalize(self.tconfig)
-        self.progress = Progress()
         self.density: float | None = None  # measured in the last step (train.density_check_every)
         self.stopped_by: str | None = None  # the signal that ended train() early (preemption), if any
         self._microbatch: int | None = None  # index of the next training micro-batch within a step
@@ -151,6 +167,7 @@ class Trainer:
             # a run from scratch marks it too: records of an earlier attempt in this run_dir (killed before its
             # first checkpoint) are superseded (metrics.read_metrics)
             self.metrics.log_resume(step=self.step, checkpoint=None)
+        self._starting("before the first step")
 
     # ----------------------------------------------------------------------------------------------- build
     def _resolve_vocab_size(self, have_datasets: bool) -> int:
@@ -527,6 +544,7 @@ class Trainer:
         logger.info("resumed from %s at step %d", path, self.step)
 
     def load_latest(self) -> bool:
+        self._starting("loading the checkpoint")
         path = self.ckpt.latest()
         if path is None:
             logger.info("--resume: no checkpoint in %s yet, starting from step 0", self.ckpt.dir)

@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 
 import torch
 
@@ -139,3 +140,56 @@ class FaultInjector(Callback):
         if isinstance(output, tuple):
             return (output[0] * float("nan"), *output[1:])
         return output * float("nan")
+
+
+SLOW_START_ENV = "ELAS_TEST_SLOW_START"
+
+
+def slow_startup(phase: str, marker: str, seconds: float = 120.0) -> None:
+    """Stall start-up for ``seconds`` (interruptible: a plain ``time.sleep``), creating the file ``marker`` when
+    the stall begins (``marker.RANK``), in ``phase``:
+
+    * ``datasets`` -- right after the dataset index cache was written, while its build still holds the cache lock
+      (a stop signal there must leave no files of the build behind);
+    * ``checkpoint_load`` -- at the start of loading the checkpoint of ``--resume``.
+    """
+    def stall() -> None:
+        Path(f"{marker}.{os.environ.get('RANK', '0')}").touch()
+        time.sleep(seconds)
+
+    if phase == "datasets":
+        from elas_megatron.data import datasets
+
+        real_builder = datasets._builder_class
+
+        def builder_class():
+            cls = real_builder()
+
+            class Stalled(cls):
+                def build(self):
+                    result = super().build()
+                    stall()
+                    return result
+
+            return Stalled
+
+        datasets._builder_class = builder_class
+    elif phase == "checkpoint_load":
+        from elas_megatron.training.checkpoint import CheckpointManager
+
+        real_load = CheckpointManager.load
+
+        def load(path, sharded_state_dict):
+            stall()
+            return real_load(path, sharded_state_dict)
+
+        CheckpointManager.load = staticmethod(load)
+    else:
+        raise ValueError(f"unknown start-up phase {phase!r}; use datasets or checkpoint_load")
+
+
+def slow_startup_from_env() -> None:
+    spec = os.environ.get(SLOW_START_ENV, "").strip()
+    if spec:
+        phase, _, marker = spec.partition(":")
+        slow_startup(phase, marker)
