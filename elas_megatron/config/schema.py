@@ -289,11 +289,16 @@ class CheckpointConfig:
     dir: str | None = None
     """None = {train.run_dir}/checkpoints."""
     save_final: bool = True
+    """Save a checkpoint at the end of training (after the last step)."""
     async_save: bool = False
     """Write checkpoint files in background processes while training goes on (megatron dist_checkpointing's
     async save, from a snapshot taken when the save starts); the checkpoint becomes `latest` only once every rank
     has finished writing it. The next save, the end of training and a preemption stop wait for it. Not with
     parallel.optimizer=deepspeed."""
+    fallback_to_verified: bool = False
+    """--resume from the newest checkpoint that passes verification (manifest sha256/sizes, nothing pickled that
+    could run code) instead of refusing when `latest` fails it; every skipped checkpoint is logged with the file
+    and the reason. Off: a checkpoint that fails verification stops the run (docs/reliability.md)."""
 
     def __post_init__(self) -> None:
         _check(self.every >= 0, "checkpoint.every", self.every, ">= 0")

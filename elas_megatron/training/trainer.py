@@ -521,11 +521,16 @@ class Trainer:
                            "this run's seeds", path.name, reason)
         return reason is None
 
-    def load(self, path: Path) -> None:
+    def load(self, path: Path, *, checked: bool = False) -> None:
+        """Load the checkpoint ``path`` (verified first, unless ``checked``: :meth:`CheckpointManager.check` just
+        passed)."""
+        if not checked:
+            CheckpointManager.check(path)  # before its files are read, elas_meta.json included
         meta = CheckpointManager.read_meta(path)
         self._check_compatible(path, meta)
         restore_rng = self._rng_restorable(path, meta)
-        loaded = CheckpointManager.load(path, self._sharded_state_dict(is_loading=True, rng=restore_rng))
+        loaded = CheckpointManager.load(path, self._sharded_state_dict(is_loading=True, rng=restore_rng),
+                                        checked=True)
         models = self._unwrapped()
         if len(models) == 1:
             models[0].load_state_dict(loaded["model"])
@@ -549,6 +554,10 @@ class Trainer:
         if path is None:
             logger.info("--resume: no checkpoint in %s yet, starting from step 0", self.ckpt.dir)
             return False
-        self.load(path)
+        if self.cfg.checkpoint.fallback_to_verified:  # a checkpoint failing verification is skipped, with a warning
+            path = self.ckpt.newest_loadable(path)
+            self.load(path, checked=True)
+        else:
+            self.load(path)
         self.callbacks.on_resume(self, path)
         return True
