@@ -264,6 +264,11 @@ class TrainConfig:
     density_warn: float = 0.2
     """elas: warn when the measured activation density drops below this (many all-zero groups: dying ReLU units;
     about 0.4 is typical, 0.5 is the 2:4 maximum)."""
+    check_memory: bool = True
+    """Before the model is built, refuse a run whose memory estimate (the dry run's: weights, gradients, optimizer
+    states, activations) exceeds the memory available to this process -- the GPU's free memory, or on CPU the
+    host's available RAM (and cgroup limit) shared by the processes of this host. false = start anyway (the
+    estimate leaves out allocator overhead, so it does not refuse runs that merely come close)."""
 
     def __post_init__(self) -> None:
         _check_finite(self, "train")

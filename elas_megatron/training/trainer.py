@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 
 from elas_megatron.config.loader import config_to_dict, dump_config
-from elas_megatron.config.schema import Config, validate
+from elas_megatron.config.schema import Config, ConfigError, validate
 from elas_megatron.data.loader import StepBatches
 from elas_megatron.parallel.setup import ParallelInfo, initialize_parallel
 from elas_megatron.training.callbacks import Callback, CallbackList
@@ -109,6 +109,9 @@ class Trainer:
         self.device = self.info.device
         self.bf16 = resolve_bf16(cfg, self.device)
         self.vocab_size = self._resolve_vocab_size(datasets is not None)
+        if cfg.train.check_memory:
+            self._starting("checking the memory estimate")
+            self._check_memory()
         self.run_dir = Path(cfg.train.run_dir)
         self._starting("preparing the run directory")
         # one job per run directory: rank 0 locks it before anything is written there; all ranks stop if it cannot
@@ -185,6 +188,45 @@ class Trainer:
                              f"({tokenizer.vocab_size}, {cfg.data.tokenizer}); remove it or set it >= "
                              f"{tokenizer.vocab_size}")
         return vocab_size
+
+    def _check_memory(self) -> None:
+        """Refuse (every rank, one :class:`ConfigError` line) a run whose memory estimate for this rank's pipeline
+        stage exceeds what this process may allocate (:func:`~elas_megatron.training.memory.available_memory`).
+        The estimate is the dry run's, for the device and dtype this run really uses."""
+        import dataclasses
+        import os
+
+        from elas_megatron.training.memory import GIB, available_memory, estimate_memory
+
+        t, p = self.cfg.train, self.cfg.parallel
+        resolved = dataclasses.replace(self.cfg, train=dataclasses.replace(
+            t, device=self.device.type, dtype="bf16" if self.bf16 else "fp32"))
+        stage = estimate_memory(resolved, world_size=self.info.world_size,
+                                vocab_size=self.vocab_size).stages[self.info.pp_rank]
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if self.device.type == "cpu" else 1
+        available, where = available_memory(self.device.type, self.device.index, local)
+        error = None
+        if available and stage.total > available:
+            fixes = ["lower train.micro_batch or train.seq_len"]
+            if p.recompute != "full":
+                fixes.append("set parallel.recompute=full")
+            if p.zero_stage < 1 and self.info.dp_size > 1:
+                fixes.append("parallel.zero_stage=1")
+            error = (f"this run needs an estimated {stage.total / GIB:.1f} GiB per process (weights+grads+optimizer "
+                     f"{(stage.weights + stage.grads + stage.optimizer) / GIB:.2f} GiB, activations "
+                     f"{stage.activations / GIB:.1f} GiB for train.micro_batch={t.micro_batch} x train.seq_len="
+                     f"{t.seq_len}, {self.device.type} {'bf16' if self.bf16 else 'fp32'}) but "
+                     f"{available / GIB:.1f} GiB is available ({where}); " + ", ".join(fixes)
+                     + ", or set train.check_memory=false to start anyway")
+        if self.info.world_size > 1:
+            errors: list[str | None] = [None] * self.info.world_size
+            dist.all_gather_object(errors, error)
+            failed = [(r, e) for r, e in enumerate(errors) if e]
+            error = f"rank {failed[0][0]}: {failed[0][1]}" if failed else None
+        if error is not None:
+            raise ConfigError(error)
+        logger.info("memory estimate: %.2f GiB per process, %.1f GiB available (%s)", stage.total / GIB,
+                    available / GIB, where)
 
     def _build_datasets(self) -> tuple:
         from elas_megatron.data.datasets import build_datasets
