@@ -8,9 +8,10 @@ step number (``consumed_samples = step * G``), stored in every checkpoint.
 
 Every micro-batch's token ids (inputs and labels) are checked against the vocabulary on the host, before they
 reach the model (one ``aminmax`` per tensor): an id outside ``[0, vocab_size)`` -- a ``.bin`` corrupted after it
-was tokenized, whose sidecar still vouches for it -- raises :class:`~elas_megatron.utils.errors.DataError` naming
-the data file, the document and token, the sample and the step, instead of an ``IndexError`` in the embedding
-(CPU) or a device-side assert (CUDA).
+was tokenized, whose sidecar still vouches for it -- becomes a :class:`~elas_megatron.utils.errors.DataError`
+naming the data file, the document and token, the sample and the step, instead of an ``IndexError`` in the
+embedding (CPU) or a device-side assert (CUDA). Raised at once, or (training, :meth:`StepBatches.host_batches`
+with an ``errors`` list) collected while the ids are clamped, so that the trainer can stop every rank together.
 """
 from __future__ import annotations
 
@@ -56,9 +57,11 @@ class StepBatches:
         self.what = what
         self.num_microbatches = global_batch // (micro_batch * dp_size)
 
-    def _collate(self, indices: range, where: str) -> dict[str, torch.Tensor]:
+    def _collate(self, indices: range, where: str, errors: list[str] | None = None) -> dict[str, torch.Tensor]:
         """The samples ``indices`` as one micro-batch on the host, token ids checked; ``where`` (e.g. ``step 3``)
-        goes into the error message."""
+        goes into the error message. With an ``errors`` list, a bad id is not raised: its message is appended and
+        the batch's ids are clamped into the vocabulary (so that a step can still run in lockstep with the other
+        ranks, which must then learn of the error and stop before the optimizer step)."""
         n = len(self.dataset)
         items = [self.dataset[i % n] for i in indices]  # wraps around: an epoch boundary, never an error
         out = {key: torch.stack([torch.as_tensor(np.asarray(it[key])) for it in items]) for key in KEYS}
@@ -67,7 +70,14 @@ class StepBatches:
         out["position_ids"] = out["position_ids"].long()
         out["loss_mask"] = out["loss_mask"].float()
         if self.vocab_size is not None:
-            self._check_ids(out, indices, where)
+            try:
+                self._check_ids(out, indices, where)
+            except DataError as exc:
+                if errors is None:
+                    raise
+                errors.append(str(exc))
+                out["tokens"].clamp_(0, self.vocab_size - 1)
+                out["labels"].clamp_(0, self.vocab_size - 1)
         return out
 
     def _check_ids(self, batch: dict[str, torch.Tensor], indices: range, where: str) -> None:
@@ -91,12 +101,13 @@ class StepBatches:
     def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {key: value.to(self.device) for key, value in batch.items()}
 
-    def host_batches(self, step: int) -> list[dict[str, torch.Tensor]]:
+    def host_batches(self, step: int, errors: list[str] | None = None) -> list[dict[str, torch.Tensor]]:
         """The ``num_microbatches`` micro-batches of this rank for optimizer step ``step`` (0-based), on the host,
-        checked (raises :class:`DataError`)."""
+        checked: raises :class:`DataError`, or with an ``errors`` list appends to it and clamps (see
+        :meth:`_collate`)."""
         per_rank = self.global_batch // self.dp_size
         start = step * self.global_batch + self.dp_rank * per_rank
-        return [self._collate(range(lo, lo + self.micro_batch), f"step {step + 1}")
+        return [self._collate(range(lo, lo + self.micro_batch), f"step {step + 1}", errors)
                 for lo in range(start, start + self.num_microbatches * self.micro_batch, self.micro_batch)]
 
     def step_iterator(self, step: int, host: list[dict] | None = None) -> Iterator[dict[str, torch.Tensor]]:

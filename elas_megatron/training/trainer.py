@@ -292,7 +292,8 @@ class Trainer:
     def _agreed_batches(self, read) -> list[dict]:
         """``read()`` (this rank's micro-batches, on the host), agreed by every rank: when any rank's data holds a
         token id outside the vocabulary, every rank raises the same :class:`DataError` (no rank is left waiting in
-        the step's collectives). One MAX all-reduce of one flag in multi-process runs."""
+        the evaluation's collectives). One MAX all-reduce of one flag in multi-process runs. (Training steps
+        carry the flag in the numerical guard's all-reduce instead: :meth:`train_step`.)"""
         error, host = None, []
         try:
             host = read()
@@ -359,7 +360,10 @@ class Trainer:
         self.backend.zero_grad()
         self.guard.begin_step()
         batches = self.train_batches
-        host = self._agreed_batches(lambda: batches.host_batches(self.step))
+        # a token id outside the vocabulary: clamped here, reported by the guard's check (no extra collective)
+        data_errors: list[str] = []
+        host = batches.host_batches(self.step, data_errors)
+        self.guard.data_error = data_errors[0] if data_errors else None
         iterators = [batches.step_iterator(self.step, host) for _ in self.model]
         self._microbatch, self._num_microbatches = 0, batches.num_microbatches * len(self.model)
         try:

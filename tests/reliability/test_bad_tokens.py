@@ -1,7 +1,8 @@
 """A token id outside the vocabulary in the data (a ``.bin`` changed after tokenizing; its sidecar, which the open
 check trusts, still matches its size) stops training with one line naming the file, the document and token, the
-sample and the step -- before the model sees the batch, so never an ``IndexError`` in the embedding (CPU) or a
-device-side assert (CUDA)."""
+sample and the step, before the optimizer step -- the bad ids never reach the model (clamped; the flag rides on
+the numerical guard's all-reduce), so never an ``IndexError`` in the embedding (CPU) or a device-side assert
+(CUDA)."""
 from __future__ import annotations
 
 import re
@@ -67,7 +68,7 @@ def test_an_out_of_range_token_stops_before_the_model_sees_it(tmp_path, demo_cop
         f"token id {VOCAB + 7} outside the vocabulary [0, {VOCAB}) at step 2: {file}, document {document} token "
         f"{token}, train sample 5; re-tokenize that file with `elas-prep tokenize` (or re-copy it): its tokens "
         "changed after its .meta.json was written")
-    assert trainer.step == 1  # nothing of step 2 ran
+    assert trainer.step == 1  # step 2 did not update anything
 
 
 def test_negative_ids_and_labels_are_checked_too():
@@ -118,7 +119,8 @@ def test_elas_train_prints_one_line_and_exits_2(tmp_path, demo_copy, nproc):
     if nproc == 1:
         assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
     else:  # torchrun's agent prints its own ChildFailedError traceback; no frame of the ranks' code is shown
-        assert result.stderr.count("exitcode  : 2") == 2, result.stderr[-3000:]
+        # (the rank that exits second may be SIGTERMed by the agent first, after printing its line)
+        assert result.stderr.count("exitcode  : 2") >= 1, result.stderr[-3000:]
         assert "elas_megatron/" not in result.stderr, result.stderr[-3000:]
     rank = "" if nproc == 1 else "rank 1: "
     assert lines == nproc * [
