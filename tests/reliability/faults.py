@@ -38,6 +38,8 @@ class FaultInjector(Callback):
     ``STEP`` is the 1-based step as logged in metrics.jsonl (for ``*_in_save``: the checkpoint's step). Kinds:
 
     * ``kill@5`` -- SIGKILL itself at the start of step 5; ``hang@5`` -- sleep forever there;
+    * ``slow@2:0.4`` -- sleep 0.4 s at the start of every step from step 2 on (a straggler);
+    * ``hang_in_save@4`` -- sleep forever at the start of the save of checkpoint 4 (a stalled file system);
     * ``kill_in_save@4:written`` -- SIGKILL inside ``CheckpointManager.save`` of step 4; the phase is ``written``
       (files written, not yet published) or ``published`` (renamed into place, ``latest`` not yet updated);
     * ``disk_full_in_save@4`` -- limit this process's file size (RLIMIT_FSIZE) before writing checkpoint 4, so its
@@ -49,7 +51,7 @@ class FaultInjector(Callback):
     (``Trainer(..., callbacks=[...])``, ``elas_megatron.cli.train.main(argv, callbacks=[...])``).
     """
 
-    KINDS = ("kill", "hang", "kill_in_save", "disk_full_in_save", "nan_grad", "nan_act")
+    KINDS = ("kill", "hang", "slow", "kill_in_save", "hang_in_save", "disk_full_in_save", "nan_grad", "nan_act")
 
     def __init__(self, faults: list[Fault]) -> None:
         self.all_faults = list(faults)
@@ -97,6 +99,9 @@ class FaultInjector(Callback):
         if self.take("hang", step):
             while True:
                 time.sleep(3600)
+        for f in self.faults:
+            if f.kind == "slow" and step >= f.step:
+                time.sleep(float(f.arg or 0.5))
 
     def on_checkpoint_phase(self, phase: str, step: int) -> None:
         """Called by ``CheckpointManager.save`` at ``begin``, ``scheduled``, ``written`` and ``published``."""
@@ -108,6 +113,9 @@ class FaultInjector(Callback):
         for f in self.faults:
             if f.kind == "kill_in_save" and f.step == step and (f.arg or "written") == phase:
                 os.kill(os.getpid(), signal.SIGKILL)
+        if phase == "begin" and self.take("hang_in_save", step):
+            while True:
+                time.sleep(3600)
 
     def install(self, named_chunks: list[torch.nn.Module], current_step: Callable[[], int]) -> None:
         """Hooks for ``nan_grad`` / ``nan_act`` on the bare model chunks; ``current_step()`` is 1-based."""
@@ -179,9 +187,9 @@ def slow_startup(phase: str, marker: str, seconds: float = 120.0) -> None:
 
         real_load = CheckpointManager.load
 
-        def load(path, sharded_state_dict):
+        def load(path, sharded_state_dict, **kwargs):
             stall()
-            return real_load(path, sharded_state_dict)
+            return real_load(path, sharded_state_dict, **kwargs)
 
         CheckpointManager.load = staticmethod(load)
     else:
