@@ -149,8 +149,14 @@ class ParallelConfig:
     """Activation checkpointing: none; full = whole transformer layers; selective = megatron's core-attention
     recompute; ffn = only the FFN (the largest activations of cola/elas)."""
     distributed_timeout_s: int = 600
-    """Seconds a rank may wait for the others: process-group initialisation, collectives, and (multi-process
-    training) the watchdog that stops the run naming the stuck rank(s) when no rank makes progress this long."""
+    """Seconds a rank may wait for the others: process-group initialisation, collectives, and the watchdog that
+    stops the run naming the stuck rank(s) when a rank makes no progress this long in a training step."""
+    io_timeout_s: int = 3600
+    """The watchdog's limit for the long one-off phases: start-up (run directory, model build, dataset index
+    build, checkpoint load) and checkpoint saves. A rank that stays this long in one of them is a hang."""
+    straggler_check_every: int = 50
+    """Multi-process runs: every N steps the ranks compare their compute time per step (one all_gather of a
+    float); rank 0 logs a warning naming the slowest rank(s) when one is > 1.2x the median. 0 = off."""
 
     def __post_init__(self) -> None:
         for key in ("tp", "pp"):
@@ -166,6 +172,8 @@ class ParallelConfig:
         _check(not self.sequence_parallel or self.tp > 1, "parallel.sequence_parallel", self.sequence_parallel,
                "false when parallel.tp=1 (sequence parallelism shards along the TP group)")
         _check(self.distributed_timeout_s > 0, "parallel.distributed_timeout_s", self.distributed_timeout_s, "> 0")
+        _check(self.io_timeout_s > 0, "parallel.io_timeout_s", self.io_timeout_s, "> 0")
+        _check(self.straggler_check_every >= 0, "parallel.straggler_check_every", self.straggler_check_every, ">= 0")
 
 
 @dataclass(kw_only=True)

@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 import time
 import weakref
-from contextlib import nullcontext
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 
@@ -43,6 +43,7 @@ from elas_megatron.training.optimizers import backend_class, build_optimizer_bac
 from elas_megatron.training.profiling import Profiler
 from elas_megatron.training.run_dir import prepare_run_dir
 from elas_megatron.training.signals import StopSignal
+from elas_megatron.training.stragglers import ComputeTimer, StragglerCheck
 from elas_megatron.training.sinks import build_sinks, check_sinks
 from elas_megatron.training.watchdog import Progress, Watchdog
 from elas_megatron.utils.errors import DataError
@@ -85,14 +86,31 @@ class Trainer:
     def __init__(self, cfg: Config, *, resume: bool = False, datasets: tuple | None = None,
                  callbacks: tuple[Callback, ...] | list[Callback] = (), weight_init: str = "exact") -> None:
         self.progress = Progress()  # where this rank is: start-up phases here, then steps (the watchdog reads it)
+        self.watchdog: Watchdog | None = None  # created once the process group exists
         try:
             self._build(cfg, resume=resume, datasets=datasets, callbacks=callbacks, weight_init=weight_init)
         except Interrupted as exc:  # SIGTERM/SIGUSR1 while starting (utils/interrupts.py): say where
             exc.where = exc.where or self.progress.phase.removeprefix("start-up: ")
             raise
+        finally:
+            if self.watchdog is not None:  # start-up is over: watched again in train(), save() and load
+                self.watchdog.stop()
 
     def _starting(self, phase: str) -> None:
-        self.progress.update(0, f"start-up: {phase}")
+        self.progress.update(0, f"start-up: {phase}", long=True)
+
+    @contextmanager
+    def _watched(self):
+        """The watchdog runs inside this block (re-entrant): start-up, ``train()``, and saves or loads called on
+        their own. Not between calls: an in-process program may hold an idle trainer as long as it likes."""
+        started = self.watchdog is not None and not self.watchdog.running
+        if started:
+            self.watchdog.start()
+        try:
+            yield
+        finally:
+            if started:
+                self.watchdog.stop()
 
     def _build(self, cfg: Config, *, resume: bool, datasets: tuple | None,
                callbacks: tuple[Callback, ...] | list[Callback], weight_init: str) -> None:
@@ -103,6 +121,14 @@ class Trainer:
         check_sinks(cfg.log)  # a requested sink's package is missing: stop before anything is built
         self._starting("distributed initialisation")
         self.info: ParallelInfo = initialize_parallel(cfg.parallel, seed=cfg.train.seed, device=cfg.train.device)
+        p = cfg.parallel
+        # every rank, one process too: start-up phases, steps and checkpoint saves/loads are timed from here on
+        self.watchdog = Watchdog(self.progress, timeout_s=p.distributed_timeout_s, io_timeout_s=p.io_timeout_s,
+                                 board=self.info.board, global_rank=self.info.global_rank)
+        self.watchdog.start()
+        self.stragglers = StragglerCheck(p.straggler_check_every, device=self.info.device,
+                                         world_size=self.info.world_size, global_rank=self.info.global_rank)
+        self.compute_timer = ComputeTimer(self.info.device)
         validate(cfg, self.info.world_size)
         self.cfg = cfg
         self.weight_init = weight_init
@@ -161,7 +187,9 @@ class Trainer:
                                   loss_spike_factor=t.loss_spike_factor, device=self.device,
                                   grads_in_hooks=cfg.parallel.optimizer == "deepspeed" and cfg.parallel.zero_stage >= 2)
         self.guard.wrap_finalize(self.tconfig)
+        self._time_finalize(self.tconfig)
         self.density: float | None = None  # measured in the last step (train.density_check_every)
+        self.compute_seconds = 0.0  # the last step's time up to the gradient reduction (straggler check)
         self.stopped_by: str | None = None  # the signal that ended train() early (preemption), if any
         self._microbatch: int | None = None  # index of the next training micro-batch within a step
         self._num_microbatches = 0
@@ -188,6 +216,19 @@ class Trainer:
                              f"({tokenizer.vocab_size}, {cfg.data.tokenizer}); remove it or set it >= "
                              f"{tokenizer.vocab_size}")
         return vocab_size
+
+    def _time_finalize(self, tconfig) -> None:
+        """Mark the end of a step's compute where megatron's schedule starts reducing the gradients (straggler
+        check, :mod:`elas_megatron.training.stragglers`)."""
+        finalize = tconfig.finalize_model_grads_func
+        if finalize is None:
+            return
+
+        def timed_finalize(*args, **kwargs):
+            self.compute_timer.mark()
+            return finalize(*args, **kwargs)
+
+        tconfig.finalize_model_grads_func = timed_finalize
 
     def _check_memory(self) -> None:
         """Refuse (every rank, one :class:`ConfigError` line) a run whose memory estimate for this rank's pipeline
@@ -350,6 +391,7 @@ class Trainer:
 
         self._sync()
         start = time.perf_counter()
+        self.compute_timer.begin()
         lr = self.optimizer.param_groups[0]["lr"]
         self.progress.update(self.step + 1, "step start")
         self.callbacks.on_step_begin(self, self.step + 1)
@@ -389,6 +431,7 @@ class Trainer:
         self.step += 1
         self._sync()
         elapsed = time.perf_counter() - start
+        self.compute_seconds = self.compute_timer.seconds()
         self.callbacks.on_step_end(self, self.step, self._step_metrics(loss, lr, grad_norm, elapsed))
         return loss, grad_norm
 
@@ -444,16 +487,15 @@ class Trainer:
         """Train to ``train.steps``; evaluate and checkpoint on schedule. Returns the final validation loss.
         Calls the callbacks' ``on_train_end`` on the way out, however it ends."""
         try:
-            return self._train()
+            with self._watched():
+                return self._train()
         finally:
             self.callbacks.on_train_end(self)
 
     def _train(self) -> float:
         if self.should_stop():
             logger.info("already at step %d of %d: nothing to train", self.step, self.cfg.train.steps)
-        watchdog = (Watchdog(self.progress, timeout_s=self.cfg.parallel.distributed_timeout_s, board=self.info.board,
-                             global_rank=self.info.global_rank) if self.info.world_size > 1 else nullcontext())
-        with watchdog, StopSignal() as stop:
+        with StopSignal() as stop:
             while not self.should_stop():
                 self._train_and_log()
                 self.ckpt.poll()  # checkpoint.async_save: publish a save every rank has finished writing
@@ -476,6 +518,7 @@ class Trainer:
         due for."""
         t, c = self.cfg.train, self.cfg.checkpoint
         self.train_step()
+        self.stragglers.record(self.step, self.compute_seconds)  # every N steps: one all_gather of a float
         if t.eval_every and self.step % t.eval_every == 0 and self.step < t.steps:
             self.evaluate()
         if c.every and self.step % c.every == 0 and self.step < t.steps:
@@ -522,9 +565,11 @@ class Trainer:
         meta = {"config": config_to_dict(self.cfg), "vocab_size": self.vocab_size,
                 "consumed_samples": self.step * self.cfg.train.global_batch, "layout": self._layout(),
                 "guard": self.guard.state_dict(), "rng_state": True}
-        self.progress.update(self.step, "checkpoint save", watched=False)  # large saves may take long
-        path = self.ckpt.save(self.step, self._sharded_state_dict(), meta, write_local=self.backend.save_optimizer)
-        self.progress.update(self.step, "after checkpoint save")
+        with self._watched():
+            self.progress.update(self.step, "checkpoint save", long=True)  # parallel.io_timeout_s
+            path = self.ckpt.save(self.step, self._sharded_state_dict(), meta,
+                                  write_local=self.backend.save_optimizer)
+            self.progress.update(self.step, "after checkpoint save")
         self.callbacks.on_save_end(self, path)
         return path
 
@@ -534,7 +579,7 @@ class Trainer:
     def wait_for_checkpoint(self) -> None:
         """Block until a pending asynchronous save (``checkpoint.async_save``) is published; collective."""
         if self.ckpt.pending is not None:
-            self.progress.update(self.step, "checkpoint finalize", watched=False)
+            self.progress.update(self.step, "checkpoint finalize", long=True)
             self.ckpt.wait()
             self.progress.update(self.step, "after checkpoint finalize")
 

@@ -31,7 +31,7 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
 
 
 def launch(run_dir: Path, *overrides: str, nproc: int = 2, faults: str | None = None, resume: bool = False,
-           timeout_s: int = 240, script: Path | None = None) -> subprocess.CompletedProcess:
+           timeout_s: int = 240, script: Path | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run ``elas-train configs/demo.yaml`` (under torchrun when ``nproc > 1``) and wait for it.
 
     ``faults``: injected by :class:`faults.FaultInjector` (``fault_train.py`` runs instead of elas-train).
@@ -42,7 +42,7 @@ def launch(run_dir: Path, *overrides: str, nproc: int = 2, faults: str | None = 
     """
     cmd = launch_command(run_dir, *overrides, nproc=nproc, script=script if script or not faults else FAULT_TRAIN,
                          resume=resume)
-    env = {FAULTS_ENV: faults} if faults else {}
+    env = {**({FAULTS_ENV: faults} if faults else {}), **(env or {})}
     log = run_dir.parent / f"{run_dir.name}.launch{len(list(run_dir.parent.glob(run_dir.name + '.launch*')))}"
     return run(cmd, log, timeout_s, env)
 
