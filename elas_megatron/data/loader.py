@@ -53,8 +53,7 @@ class StepBatches:
         self.dp_rank = dp_rank
         self.dp_size = dp_size
         self.device = device
-        self.vocab_size = vocab_size
-        self.what = what
+        self.vocab_size, self.what = vocab_size, what  # the id check (None: off) and the data's name in its errors
         self.num_microbatches = global_batch // (micro_batch * dp_size)
 
     def _collate(self, indices: range, where: str, errors: list[str] | None = None) -> dict[str, torch.Tensor]:

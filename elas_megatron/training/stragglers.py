@@ -47,11 +47,12 @@ class ComputeTimer:
         self._mark: float | torch.cuda.Event | None = None
 
     def _now(self):
-        if self.cuda:
-            event = torch.cuda.Event(enable_timing=True)
-            event.record()
-            return event
-        return time.perf_counter()
+        """A timestamp on the device's timeline: a recorded CUDA event, or the host clock."""
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
 
     def begin(self) -> None:
         self._begin, self._mark = self._now(), None
