@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from elas_megatron.config.loader import load_config, load_yaml_tree
-from elas_megatron.config.schema import LogConfig
+from elas_megatron.config.schema import CheckpointConfig, LogConfig
 from elas_megatron.variants.registry import get_variant, variant_names
 
 __all__ = ["LAYOUT_FOR_SIZE", "field_docs", "render"]
@@ -172,6 +172,13 @@ def render(root: Path = REPO) -> str:
         "TensorBoard, the console line and profiling are described in docs/monitoring.md."),
         "",
         *_option_rows(LogConfig, "log"),
+        "",
+        "## Checkpoint options",
+        "",
+        ("The `checkpoint` section (from `elas_megatron/config/schema.py`); what a save and a load guarantee, and "
+        "how to recover, is in docs/reliability.md."),
+        "",
+        *_option_rows(CheckpointConfig, "checkpoint"),
         "",
     ]
     return "\n".join(lines)

@@ -15,7 +15,9 @@ Runs as-is under torchrun (it reads RANK/WORLD_SIZE/LOCAL_RANK). Exit codes, eac
   what to do for each);
 * 3 -- ``elas-train: numerical error: ...``: NaN/Inf or a loss spike beyond ``train.max_skipped_steps``, naming the
   step, rank(s) and layer; resume from the last checkpoint with a lower ``optim.lr`` or a larger skip budget;
-* 124 -- a rank made no progress for ``parallel.distributed_timeout_s`` (the line names the stuck rank(s)).
+* 124 -- a rank made no progress for ``parallel.distributed_timeout_s`` (the line names the stuck rank(s));
+* 128 + N (143 for SIGTERM, 138 for SIGUSR1) -- ``elas-train: stopped by SIGTERM during start-up (PHASE) ...``: the
+  signal arrived before the first step (nothing to save; whatever start-up was writing is completed or removed).
 """
 from __future__ import annotations
 
@@ -96,8 +98,24 @@ def main(argv: list[str] | None = None, callbacks=()) -> int:
                        check_files=not args.no_data_check, quiet=int(os.environ.get("RANK", "0")) != 0)
     configs = [a for a in args.args if "=" not in a]
     overrides = [a for a in args.args if "=" in a]
+    from elas_megatron.utils.interrupts import Interrupted, StartupSignals, exit_code
 
+    # SIGTERM/SIGUSR1 from here on: one line and exit code 128 + N (utils/interrupts.py), never a traceback
+    startup = StartupSignals().__enter__()
+    try:
+        return _train(args, configs, overrides, callbacks, startup)
+    except Interrupted as exc:  # before the trainer existed (config, logging set-up, imports)
+        sys.stderr.write(f"elas-train: stopped by {exc.signal_name} during start-up (reading the config); nothing "
+                         "was written: rerun the same command to continue\n")
+        return exit_code(exc.signal_name)
+    finally:
+        startup.__exit__(None, None, None)
+
+
+def _train(args, configs: list[str], overrides: list[str], callbacks, startup) -> int:
+    """The training part of :func:`main` (``startup``: the active :class:`StartupSignals`)."""
     from elas_megatron.config import ConfigError, load_config
+    from elas_megatron.utils.interrupts import Interrupted, exit_code
     from elas_megatron.utils.logging import init_logging, log_to_file_only
 
     rank = int(os.environ.get("RANK", 0))
@@ -123,9 +141,13 @@ def main(argv: list[str] | None = None, callbacks=()) -> int:
     from elas_megatron.training.numerics import NumericalError
     from elas_megatron.training.trainer import Trainer
 
-    try:
+    try:  # SIGTERM/SIGUSR1 raise Interrupted until the training loop's own handler (StopSignal) takes over
         trainer = Trainer(cfg, resume=args.resume, callbacks=(_RankLogFile(), *callbacks))
         val_loss = trainer.train()
+    except Interrupted as exc:
+        return fail(f"elas-train: stopped by {exc.signal_name} during start-up ({exc.where or 'before training'}); "
+                    "nothing was written that a rerun would not redo: rerun the same command (with --resume) to "
+                    "continue", exit_code(exc.signal_name))
     except (ConfigError, CheckpointError, FileNotFoundError, ValueError) as exc:
         return fail(f"elas-train: error: {exc}", EXIT_CONFIG)
     except NumericalError as exc:
@@ -135,6 +157,7 @@ def main(argv: list[str] | None = None, callbacks=()) -> int:
 
         log_to_file_only(traceback.format_exc().rstrip())
         raise
+    startup.__exit__(None, None, None)  # trained: the signals' previous handlers again
     if trainer.info.is_logging_rank:
         import math
 

@@ -8,6 +8,7 @@ Unknown keys and wrong types are hard errors naming the full key.
 from __future__ import annotations
 
 import dataclasses
+import os
 import types
 import typing
 from pathlib import Path
@@ -16,6 +17,7 @@ from typing import Any, Literal, get_args, get_origin, get_type_hints
 import yaml
 
 from elas_megatron.config.schema import Config, ConfigError, validate
+from elas_megatron.utils.interrupts import deferred
 
 
 def _merge(base: dict, update: dict) -> dict:
@@ -168,8 +170,13 @@ def config_to_dict(cfg: Config) -> dict:
 
 
 def dump_config(cfg: Config, path: str | Path) -> None:
-    """Write the fully resolved config (every field) so a run directory documents itself."""
-    Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    """Write the fully resolved config (every field) so a run directory documents itself. Atomically (a temporary
+    file renamed over ``path``): a kill or a stop signal never leaves a half-written config."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with deferred():  # a SIGTERM at start-up waits for these few bytes (utils/interrupts.py)
+        tmp.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+        os.replace(tmp, path)
 
 
 def config_from_dict(tree: dict) -> Config:

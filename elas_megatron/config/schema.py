@@ -149,8 +149,14 @@ class ParallelConfig:
     """Activation checkpointing: none; full = whole transformer layers; selective = megatron's core-attention
     recompute; ffn = only the FFN (the largest activations of cola/elas)."""
     distributed_timeout_s: int = 600
-    """Seconds a rank may wait for the others: process-group initialisation, collectives, and (multi-process
-    training) the watchdog that stops the run naming the stuck rank(s) when no rank makes progress this long."""
+    """Seconds a rank may wait for the others: process-group initialisation, collectives, and the watchdog that
+    stops the run naming the stuck rank(s) when a rank makes no progress this long in a training step."""
+    io_timeout_s: int = 3600
+    """The watchdog's limit for the long one-off phases: start-up (run directory, model build, dataset index
+    build, checkpoint load) and checkpoint saves. A rank that stays this long in one of them is a hang."""
+    straggler_check_every: int = 50
+    """Multi-process runs: every N steps the ranks compare their compute time per step (one all_gather of a
+    float); rank 0 logs a warning naming the slowest rank(s) when one is > 1.2x the median. 0 = off."""
 
     def __post_init__(self) -> None:
         for key in ("tp", "pp"):
@@ -166,6 +172,8 @@ class ParallelConfig:
         _check(not self.sequence_parallel or self.tp > 1, "parallel.sequence_parallel", self.sequence_parallel,
                "false when parallel.tp=1 (sequence parallelism shards along the TP group)")
         _check(self.distributed_timeout_s > 0, "parallel.distributed_timeout_s", self.distributed_timeout_s, "> 0")
+        _check(self.io_timeout_s > 0, "parallel.io_timeout_s", self.io_timeout_s, "> 0")
+        _check(self.straggler_check_every >= 0, "parallel.straggler_check_every", self.straggler_check_every, ">= 0")
 
 
 @dataclass(kw_only=True)
@@ -264,6 +272,11 @@ class TrainConfig:
     density_warn: float = 0.2
     """elas: warn when the measured activation density drops below this (many all-zero groups: dying ReLU units;
     about 0.4 is typical, 0.5 is the 2:4 maximum)."""
+    check_memory: bool = True
+    """Before the model is built, refuse a run whose memory estimate (the dry run's: weights, gradients, optimizer
+    states, activations) exceeds the memory available to this process -- the GPU's free memory, or on CPU the
+    host's available RAM (and cgroup limit) shared by the processes of this host. false = start anyway (the
+    estimate leaves out allocator overhead, so it does not refuse runs that merely come close)."""
 
     def __post_init__(self) -> None:
         _check_finite(self, "train")
@@ -289,11 +302,16 @@ class CheckpointConfig:
     dir: str | None = None
     """None = {train.run_dir}/checkpoints."""
     save_final: bool = True
+    """Save a checkpoint at the end of training (after the last step)."""
     async_save: bool = False
     """Write checkpoint files in background processes while training goes on (megatron dist_checkpointing's
     async save, from a snapshot taken when the save starts); the checkpoint becomes `latest` only once every rank
     has finished writing it. The next save, the end of training and a preemption stop wait for it. Not with
     parallel.optimizer=deepspeed."""
+    fallback_to_verified: bool = False
+    """--resume from the newest checkpoint that passes verification (manifest sha256/sizes, nothing pickled that
+    could run code) instead of refusing when `latest` fails it; every skipped checkpoint is logged with the file
+    and the reason. Off: a checkpoint that fails verification stops the run (docs/reliability.md)."""
 
     def __post_init__(self) -> None:
         _check(self.every >= 0, "checkpoint.every", self.every, ">= 0")

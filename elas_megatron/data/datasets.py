@@ -38,7 +38,7 @@ from elas_megatron.data.vocab import vocabulary_mismatch
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["build_datasets", "check_prefixes", "default_cache_dir"]
+__all__ = ["build_datasets", "check_prefixes", "default_cache_dir", "locate_token"]
 
 
 def default_cache_dir() -> str:
@@ -87,6 +87,34 @@ def check_prefixes(prefixes: Sequence[str], *, vocab_size: int, what: str) -> li
                              f"with data.tokenizer or set model.vocab_size >= {meta_vocab}")
         infos.append(info)
     return infos
+
+
+def locate_token(dataset, sample: int, position: int) -> str | None:
+    """Where token ``position`` of sample ``sample`` of a Megatron ``GPTDataset`` / ``BlendedDataset`` comes from:
+    ``"FILE.bin, document D token T"``; None for other datasets. Follows the dataset's own indices (blend, shuffle,
+    sample and document index) as its ``__getitem__`` does; only called once a bad token was found."""
+    if hasattr(dataset, "dataset_index") and hasattr(dataset, "datasets"):  # BlendedDataset
+        dataset[sample]  # loads its indices if they are still lazy
+        part = int(dataset.dataset_index[sample])
+        return locate_token(dataset.datasets[part], int(dataset.dataset_sample_index[sample]), position)
+    if not all(hasattr(dataset, a) for a in ("shuffle_index", "sample_index", "document_index", "dataset")):
+        return None
+    if dataset.shuffle_index is None:
+        dataset[sample]  # loads the lazily memory-mapped indices
+    extra = int(getattr(dataset.config, "add_extra_token_to_sequence", True))
+    j = int(dataset.shuffle_index[sample])
+    beg, beg_offset = (int(v) for v in dataset.sample_index[j])
+    end, end_offset = (int(v) for v in dataset.sample_index[j + 1])
+    lengths = dataset.dataset.sequence_lengths
+    left = position
+    for i in range(beg, end + 1):
+        document = int(dataset.document_index[i])
+        offset = beg_offset if i == beg else 0
+        count = (end_offset + extra - offset) if i == end else int(lengths[document]) - offset
+        if left < count:
+            return f"{dataset.dataset.path_prefix}.bin, document {document} token {offset + left}"
+        left -= count
+    return None
 
 
 def _eod_id(data_cfg: DataConfig, infos: Sequence[DatasetInfo]) -> int:
@@ -154,7 +182,14 @@ def _cache_lock(cache_dir: str, rank: int | None) -> Iterator[None]:
     with open(os.path.join(cache_dir, ".build.lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         _sweep_torn_cache(cache_dir)
-        yield
+        before = set(os.listdir(cache_dir))
+        try:
+            yield
+        except BaseException:  # an error or a stop signal (utils/interrupts.py) mid-build: drop what it wrote
+            for name in set(os.listdir(cache_dir)) - before:
+                with contextlib.suppress(FileNotFoundError, IsADirectoryError):
+                    os.unlink(os.path.join(cache_dir, name))
+            raise
 
 
 def _builder_class():

@@ -62,6 +62,7 @@ from elas_megatron.compat.upstream_warnings import dist_checkpoint_load_warnings
 from elas_megatron.training.checkpoint_trust import (read_json, resolve_latest, verify_manifest, vet_checkpoint,
                                                      write_manifest)
 from elas_megatron.utils.errors import CheckpointError
+from elas_megatron.utils.interrupts import deferred
 
 logger = logging.getLogger(__name__)
 
@@ -235,8 +236,9 @@ class CheckpointManager:
             probe = self.dir / ".write_probe"
             try:
                 self.dir.mkdir(parents=True, exist_ok=True)
-                probe.write_text("ok")
-                probe.unlink()
+                with deferred():  # a stop signal at start-up never leaves the probe behind
+                    probe.write_text("ok")
+                    probe.unlink()
             except OSError as exc:
                 error = f"{type(exc).__name__}: {exc}"
         _agree(error, f"cannot write checkpoints to {self.dir} (checkpoint.dir); fix its permissions/space or set "
@@ -432,8 +434,54 @@ class CheckpointManager:
         return verified
 
     @staticmethod
-    def load(path: str | Path, sharded_state_dict: dict) -> dict:
-        """Load ``sharded_state_dict`` from the step directory ``path``.
+    def check(path: str | Path) -> bool:
+        """Everything a load checks before it reads the state: the manifest (:meth:`verify`) and that nothing
+        pickled in the checkpoint can run code (:func:`vet_checkpoint`); collective. Returns False for a
+        checkpoint without a manifest (loads unverified, with a warning).
+
+        Raises:
+            CheckpointError: on every rank, naming the file and the reason.
+        """
+        path = Path(path)
+        verified = CheckpointManager.verify(path)
+        error = None
+        try:
+            vet_checkpoint(path)  # nothing pickled in it may run code: refused before megatron reads it
+        except CheckpointError as exc:
+            error = str(exc)
+        _agree(error, "checkpoint refused")
+        return verified
+
+    def newest_loadable(self, first: Path) -> Path:
+        """``first`` if it passes :meth:`check`, else the newest older complete checkpoint that does, logging
+        (rank 0) each one skipped and why (``checkpoint.fallback_to_verified``); collective.
+
+        Raises:
+            CheckpointError: none passes; the message lists every checkpoint tried and its reason.
+        """
+        candidates = [first] + [p for p in reversed(self.complete_steps()) if p.name < first.name]
+        reasons = []
+        for path in candidates:
+            try:
+                self.check(path)
+            except CheckpointError as exc:
+                reason = str(exc).split("; ")[0]  # what failed, without the way out (this is the way out)
+                reasons.append(f"{path.name}: {reason}")
+                if self.is_writer:
+                    logger.warning("checkpoint.fallback_to_verified: skipping %s: %s", path.name, reason)
+                continue
+            if path != first and self.is_writer:
+                logger.warning("checkpoint.fallback_to_verified: resuming from %s instead of %s, which failed "
+                               "verification (see above)", path.name, first.name)
+            return path
+        raise CheckpointError(f"no checkpoint in {self.dir} passes verification ({len(candidates)} tried: "
+                              + " | ".join(r[:300] for r in reasons) + "); start without --resume or restore "
+                              "a checkpoint from a copy")
+
+    @staticmethod
+    def load(path: str | Path, sharded_state_dict: dict, *, checked: bool = False) -> dict:
+        """Load ``sharded_state_dict`` from the step directory ``path`` (after :meth:`check`, unless ``checked``:
+        the caller just did).
 
         Raises:
             CheckpointError: the files cannot be read (damaged after they were written, or not this model's).
@@ -441,13 +489,8 @@ class CheckpointManager:
         from megatron.core import dist_checkpointing
 
         path = Path(path)
-        CheckpointManager.verify(path)
-        error = None
-        try:
-            vet_checkpoint(path)  # nothing pickled in it may run code: refused before megatron reads it
-        except CheckpointError as exc:
-            error = str(exc)
-        _agree(error, "checkpoint refused")
+        if not checked:
+            CheckpointManager.check(path)
         try:
             with dist_checkpoint_load_warnings_ignored():  # megatron-core's calls of deprecated torch APIs
                 return dist_checkpointing.load(sharded_state_dict, str(path))

@@ -193,7 +193,7 @@ def verify_manifest(step_dir: str | Path, *, rank: int = 0, world: int = 1) -> b
         raise _refuse(path, f"not a manifest of format {MANIFEST_FORMAT}")
     fix = ("the file changed after the checkpoint was written (disk or copy error, or edited); resume from an "
            f"older checkpoint: write its step_* name into {step_dir.parent / 'latest'}, or move {step_dir.name} "
-           "away")
+           "away (elas-train: or set checkpoint.fallback_to_verified=true to take the newest one that verifies)")
     for rel in sorted(files)[rank::world]:
         entry, file = files[rel], step_dir / rel
         if Path(rel).is_absolute() or ".." in Path(rel).parts:

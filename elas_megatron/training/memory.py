@@ -36,6 +36,7 @@ __all__ = [
     "MemoryEstimate",
     "StageMemory",
     "activation_dtype_bytes",
+    "available_memory",
     "estimate_memory",
     "in_flight_chunks",
     "layer_activation_terms",
@@ -310,3 +311,54 @@ def estimate_memory(cfg: Config, *, world_size: int, vocab_size: int) -> MemoryE
                                   activations_by_recompute=by_mode))
     return MemoryEstimate(stages=stages, dp=dp, num_microbatches=num_microbatches, tokens_per_microbatch=tokens,
                           bytes_per_param=per_param, dense_warmup=dense_phase)
+
+
+# ------------------------------------------------------------------------------------------- available memory
+def _read_int(path: str) -> int | None:
+    try:
+        with open(path) as f:
+            text = f.read().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
+
+
+def host_memory_available() -> tuple[int, str]:
+    """(bytes, where from) of RAM this process may still take: ``MemAvailable`` of ``/proc/meminfo``, or less when
+    a cgroup limit (v2 ``memory.max``, v1 ``memory.limit_in_bytes``) leaves less."""
+    available, source = None, "MemAvailable"
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    available = int(line.split()[1]) * 1024
+                    break
+    except OSError:
+        pass
+    for limit_path, usage_path in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                                   ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
+                                    "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+        limit, usage = _read_int(limit_path), _read_int(usage_path)
+        if limit is not None and usage is not None and limit < 2**60:  # "max" / the v1 "unlimited" value
+            if available is None or limit - usage < available:
+                available, source = max(0, limit - usage), f"cgroup limit {limit / GIB:.1f} GiB"
+            break
+    if available is None:
+        return 0, "unknown"
+    return available, source
+
+
+def available_memory(device_type: str, device_index: int | None = None, local_processes: int = 1) -> tuple[int, str]:
+    """(bytes, description) this process may allocate for training: on ``cuda`` the device's free memory
+    (``torch.cuda.mem_get_info``, after the context was created); on ``cpu`` :func:`host_memory_available`
+    divided by the training processes of this host (``local_processes``). 0 bytes: unknown (no check)."""
+    if device_type == "cuda":
+        import torch
+
+        free, total = torch.cuda.mem_get_info(device_index)
+        return free, f"free on GPU {device_index} ({total / GIB:.1f} GiB total)"
+    available, source = host_memory_available()
+    if local_processes > 1:
+        return available // local_processes, (f"host RAM ({source}) {available / GIB:.1f} GiB shared by "
+                                               f"{local_processes} processes on this host")
+    return available, f"host RAM ({source})"

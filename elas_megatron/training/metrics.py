@@ -35,6 +35,7 @@ import torch
 
 from elas_megatron.training.callbacks import Callback
 from elas_megatron.training.sinks import MetricSink, sink_scalars
+from elas_megatron.utils.interrupts import deferred
 from elas_megatron.utils.progress import hms as _hms
 
 logger = logging.getLogger(__name__)
@@ -246,7 +247,8 @@ class MetricsLogger(Callback):
         as in the file."""
         rec = {"event": RESUME_EVENT, "step": step, "checkpoint": checkpoint}
         if self.enabled:
-            self._write(rec)
+            with deferred():  # written at start-up: a stop signal there waits for the one record
+                self._write(rec)
             for sink in self.sinks:
                 sink.resume(step)
         return rec

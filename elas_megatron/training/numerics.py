@@ -19,6 +19,8 @@ from functools import partial
 import torch
 import torch.distributed as dist
 
+from elas_megatron.utils.errors import DataError
+
 __all__ = ["NumericGuard", "NumericalError"]
 
 logger = logging.getLogger(__name__)
@@ -86,6 +88,9 @@ class NumericGuard:
         self.loss_spike_factor = loss_spike_factor
         self.device = device
         self.skipped_steps = 0
+        self.data_error: str | None = None
+        """Set by the trainer for a step whose batch held a token id outside the vocabulary (clamped): the step's
+        check then raises :class:`~elas_megatron.utils.errors.DataError` on every rank."""
         self.loss_ema: float | None = None
         self.good_steps = 0
         self.params: list[tuple[str, torch.nn.Parameter]] = []
@@ -159,11 +164,21 @@ class NumericGuard:
 
     def check(self, step: int, loss: float) -> str | None:
         """Collective. None if step ``step`` may update the weights, else why not (the same text on every rank)."""
-        flags = torch.stack([(~torch.isfinite(self._act_sums)).any(), (~torch.isfinite(self._grad_sums)).any()])
+        flags = torch.stack([(~torch.isfinite(self._act_sums)).any(), (~torch.isfinite(self._grad_sums)).any(),
+                             torch.tensor(self.data_error is not None, device=self._act_sums.device)])
         flags = flags.float()
-        if dist.is_initialized() and dist.get_world_size() > 1:
+        multi = dist.is_initialized() and dist.get_world_size() > 1
+        if multi:
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-        act_bad, grad_bad = bool(flags[0]), bool(flags[1])
+        act_bad, grad_bad, data_bad = bool(flags[0]), bool(flags[1]), bool(flags[2])
+        if data_bad:  # bad token ids somewhere (trainer.train_step): every rank stops before the optimizer step
+            error = self.data_error
+            if multi:
+                errors: list[str | None] = [None] * dist.get_world_size()
+                dist.all_gather_object(errors, error)
+                rank, error = next((r, e) for r, e in enumerate(errors) if e)
+                error = f"rank {rank}: {error}"
+            raise DataError(error)
         if act_bad or grad_bad or not math.isfinite(loss):
             reports = [self._local_report()]
             if dist.is_initialized() and dist.get_world_size() > 1:

@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 import time
 import weakref
-from contextlib import nullcontext
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 
@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 
 from elas_megatron.config.loader import config_to_dict, dump_config
-from elas_megatron.config.schema import Config, validate
+from elas_megatron.config.schema import Config, ConfigError, validate
 from elas_megatron.data.loader import StepBatches
 from elas_megatron.parallel.setup import ParallelInfo, initialize_parallel
 from elas_megatron.training.callbacks import Callback, CallbackList
@@ -43,8 +43,11 @@ from elas_megatron.training.optimizers import backend_class, build_optimizer_bac
 from elas_megatron.training.profiling import Profiler
 from elas_megatron.training.run_dir import prepare_run_dir
 from elas_megatron.training.signals import StopSignal
+from elas_megatron.training.stragglers import ComputeTimer, StragglerCheck
 from elas_megatron.training.sinks import build_sinks, check_sinks
 from elas_megatron.training.watchdog import Progress, Watchdog
+from elas_megatron.utils.errors import DataError
+from elas_megatron.utils.interrupts import Interrupted
 from elas_megatron.utils.progress import ProgressMeter
 from elas_megatron.variants.registry import get_variant
 
@@ -82,19 +85,61 @@ class Trainer:
 
     def __init__(self, cfg: Config, *, resume: bool = False, datasets: tuple | None = None,
                  callbacks: tuple[Callback, ...] | list[Callback] = (), weight_init: str = "exact") -> None:
+        self.progress = Progress()  # where this rank is: start-up phases here, then steps (the watchdog reads it)
+        self.watchdog: Watchdog | None = None  # created once the process group exists
+        try:
+            self._build(cfg, resume=resume, datasets=datasets, callbacks=callbacks, weight_init=weight_init)
+        except Interrupted as exc:  # SIGTERM/SIGUSR1 while starting (utils/interrupts.py): say where
+            exc.where = exc.where or self.progress.phase.removeprefix("start-up: ")
+            raise
+        finally:
+            if self.watchdog is not None:  # start-up is over: watched again in train(), save() and load
+                self.watchdog.stop()
+
+    def _starting(self, phase: str) -> None:
+        self.progress.update(0, f"start-up: {phase}", long=True)
+
+    @contextmanager
+    def _watched(self):
+        """The watchdog runs inside this block (re-entrant): start-up, ``train()``, and saves or loads called on
+        their own. Not between calls: an in-process program may hold an idle trainer as long as it likes."""
+        started = self.watchdog is not None and not self.watchdog.running
+        if started:
+            self.watchdog.start()
+        try:
+            yield
+        finally:
+            if started:
+                self.watchdog.stop()
+
+    def _build(self, cfg: Config, *, resume: bool, datasets: tuple | None,
+               callbacks: tuple[Callback, ...] | list[Callback], weight_init: str) -> None:
         from elas_megatron.models.flops import flops_per_token
         from elas_megatron.sparsity.schedule import SparsitySchedule
 
         backend_class(cfg).check_config(cfg)
         check_sinks(cfg.log)  # a requested sink's package is missing: stop before anything is built
+        self._starting("distributed initialisation")
         self.info: ParallelInfo = initialize_parallel(cfg.parallel, seed=cfg.train.seed, device=cfg.train.device)
+        p = cfg.parallel
+        # every rank, one process too: start-up phases, steps and checkpoint saves/loads are timed from here on
+        self.watchdog = Watchdog(self.progress, timeout_s=p.distributed_timeout_s, io_timeout_s=p.io_timeout_s,
+                                 board=self.info.board, global_rank=self.info.global_rank)
+        self.watchdog.start()
+        self.stragglers = StragglerCheck(p.straggler_check_every, device=self.info.device,
+                                         world_size=self.info.world_size, global_rank=self.info.global_rank)
+        self.compute_timer = ComputeTimer(self.info.device)
         validate(cfg, self.info.world_size)
         self.cfg = cfg
         self.weight_init = weight_init
         self.device = self.info.device
         self.bf16 = resolve_bf16(cfg, self.device)
         self.vocab_size = self._resolve_vocab_size(datasets is not None)
+        if cfg.train.check_memory:
+            self._starting("checking the memory estimate")
+            self._check_memory()
         self.run_dir = Path(cfg.train.run_dir)
+        self._starting("preparing the run directory")
         # one job per run directory: rank 0 locks it before anything is written there; all ranks stop if it cannot
         self.run_lock = prepare_run_dir(self.run_dir, is_owner=self.info.global_rank == 0,
                                         then=lambda d: dump_config(cfg, d / "config.yaml"))
@@ -120,17 +165,20 @@ class Trainer:
         if cfg.checkpoint.every or cfg.checkpoint.save_final:
             self.ckpt.check_writable()  # before the data and the model: a bad directory costs seconds, not a run
 
+        self._starting("building the model")
         self.model = self._build_model()
         self.backend = build_optimizer_backend(cfg, self.model, bf16=self.bf16, dp_size=self.info.dp_size)
         self.optimizer = self.backend.optimizer
         self.scheduler = build_scheduler(cfg, self.optimizer)
         self.backend.configure_schedule(self.tconfig)
 
+        self._starting("building the datasets")
         train_ds, valid_ds = datasets if datasets is not None else self._build_datasets()
         batch_args = dict(micro_batch=t.micro_batch, dp_rank=self.info.dp_rank, dp_size=self.info.dp_size,
-                          device=self.device)
+                          device=self.device, vocab_size=self.vocab_size)
         self.train_batches = StepBatches(train_ds, global_batch=t.global_batch, **batch_args)
-        self.valid_batches = StepBatches(valid_ds, global_batch=t.micro_batch * self.info.dp_size, **batch_args)
+        self.valid_batches = StepBatches(valid_ds, global_batch=t.micro_batch * self.info.dp_size, what="validation",
+                                         **batch_args)
         self.variant = get_variant(cfg.model.variant)
         self.sparsity = SparsitySchedule(self.variant.dense_warmup_steps(cfg.model))
 
@@ -140,8 +188,9 @@ class Trainer:
                                   loss_spike_factor=t.loss_spike_factor, device=self.device,
                                   grads_in_hooks=cfg.parallel.optimizer == "deepspeed" and cfg.parallel.zero_stage >= 2)
         self.guard.wrap_finalize(self.tconfig)
-        self.progress = Progress()
+        self._time_finalize(self.tconfig)
         self.density: float | None = None  # measured in the last step (train.density_check_every)
+        self.compute_seconds = 0.0  # the last step's time up to the gradient reduction (straggler check)
         self.stopped_by: str | None = None  # the signal that ended train() early (preemption), if any
         self._microbatch: int | None = None  # index of the next training micro-batch within a step
         self._num_microbatches = 0
@@ -150,6 +199,7 @@ class Trainer:
             # a run from scratch marks it too: records of an earlier attempt in this run_dir (killed before its
             # first checkpoint) are superseded (metrics.read_metrics)
             self.metrics.log_resume(step=self.step, checkpoint=None)
+        self._starting("before the first step")
 
     # ----------------------------------------------------------------------------------------------- build
     def _resolve_vocab_size(self, have_datasets: bool) -> int:
@@ -167,6 +217,58 @@ class Trainer:
                              f"({tokenizer.vocab_size}, {cfg.data.tokenizer}); remove it or set it >= "
                              f"{tokenizer.vocab_size}")
         return vocab_size
+
+    def _time_finalize(self, tconfig) -> None:
+        """Mark the end of a step's compute where megatron's schedule starts reducing the gradients (straggler
+        check, :mod:`elas_megatron.training.stragglers`)."""
+        finalize = tconfig.finalize_model_grads_func
+        if finalize is None:
+            return
+
+        def timed_finalize(*args, **kwargs):
+            self.compute_timer.mark()
+            return finalize(*args, **kwargs)
+
+        tconfig.finalize_model_grads_func = timed_finalize
+
+    def _check_memory(self) -> None:
+        """Refuse (every rank, one :class:`ConfigError` line) a run whose memory estimate for this rank's pipeline
+        stage exceeds what this process may allocate (:func:`~elas_megatron.training.memory.available_memory`).
+        The estimate is the dry run's, for the device and dtype this run really uses."""
+        import dataclasses
+        import os
+
+        from elas_megatron.training.memory import GIB, available_memory, estimate_memory
+
+        t, p = self.cfg.train, self.cfg.parallel
+        resolved = dataclasses.replace(self.cfg, train=dataclasses.replace(
+            t, device=self.device.type, dtype="bf16" if self.bf16 else "fp32"))
+        stage = estimate_memory(resolved, world_size=self.info.world_size,
+                                vocab_size=self.vocab_size).stages[self.info.pp_rank]
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if self.device.type == "cpu" else 1
+        available, where = available_memory(self.device.type, self.device.index, local)
+        error = None
+        if available and stage.total > available:
+            fixes = ["lower train.micro_batch or train.seq_len"]
+            if p.recompute != "full":
+                fixes.append("set parallel.recompute=full")
+            if p.zero_stage < 1 and self.info.dp_size > 1:
+                fixes.append("parallel.zero_stage=1")
+            error = (f"this run needs an estimated {stage.total / GIB:.1f} GiB per process (weights+grads+optimizer "
+                     f"{(stage.weights + stage.grads + stage.optimizer) / GIB:.2f} GiB, activations "
+                     f"{stage.activations / GIB:.1f} GiB for train.micro_batch={t.micro_batch} x train.seq_len="
+                     f"{t.seq_len}, {self.device.type} {'bf16' if self.bf16 else 'fp32'}) but "
+                     f"{available / GIB:.1f} GiB is available ({where}); " + ", ".join(fixes)
+                     + ", or set train.check_memory=false to start anyway")
+        if self.info.world_size > 1:
+            errors: list[str | None] = [None] * self.info.world_size
+            dist.all_gather_object(errors, error)
+            failed = [(r, e) for r, e in enumerate(errors) if e]
+            error = f"rank {failed[0][0]}: {failed[0][1]}" if failed else None
+        if error is not None:
+            raise ConfigError(error)
+        logger.info("memory estimate: %.2f GiB per process, %.1f GiB available (%s)", stage.total / GIB,
+                    available / GIB, where)
 
     def _build_datasets(self) -> tuple:
         from elas_megatron.data.datasets import build_datasets
@@ -229,6 +331,28 @@ class Trainer:
                        loss_mask=batch["loss_mask"])
         return output, partial(self._loss_func, batch["loss_mask"])
 
+    def _agreed_batches(self, read) -> list[dict]:
+        """``read()`` (this rank's micro-batches, on the host), agreed by every rank: when any rank's data holds a
+        token id outside the vocabulary, every rank raises the same :class:`DataError` (no rank is left waiting in
+        the evaluation's collectives). One MAX all-reduce of one flag in multi-process runs. (Training steps
+        carry the flag in the numerical guard's all-reduce instead: :meth:`train_step`.)"""
+        error, host = None, []
+        try:
+            host = read()
+        except DataError as exc:
+            error = str(exc)
+        if self.info.world_size > 1:
+            flag = torch.tensor([error is not None], dtype=torch.int32, device=self.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            if flag.item():
+                errors: list[str | None] = [None] * self.info.world_size
+                dist.all_gather_object(errors, error)
+                rank, error = next((r, e) for r, e in enumerate(errors) if e)
+                error = f"rank {rank}: {error}"
+        if error is not None:
+            raise DataError(error)
+        return host
+
     def _run_schedule(self, iterators: list, num_microbatches: int, forward_only: bool) -> float:
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
@@ -268,6 +392,7 @@ class Trainer:
 
         self._sync()
         start = time.perf_counter()
+        self.compute_timer.begin()
         lr = self.optimizer.param_groups[0]["lr"]
         self.progress.update(self.step + 1, "step start")
         self.callbacks.on_step_begin(self, self.step + 1)
@@ -278,7 +403,11 @@ class Trainer:
         self.backend.zero_grad()
         self.guard.begin_step()
         batches = self.train_batches
-        iterators = [batches.step_iterator(self.step) for _ in self.model]
+        # a token id outside the vocabulary: clamped here, reported by the guard's check (no extra collective)
+        data_errors: list[str] = []
+        host = batches.host_batches(self.step, data_errors)
+        self.guard.data_error = data_errors[0] if data_errors else None
+        iterators = [batches.step_iterator(self.step, host) for _ in self.model]
         self._microbatch, self._num_microbatches = 0, batches.num_microbatches * len(self.model)
         try:
             loss = self._run_schedule(iterators, batches.num_microbatches, forward_only=False)
@@ -303,6 +432,7 @@ class Trainer:
         self.step += 1
         self._sync()
         elapsed = time.perf_counter() - start
+        self.compute_seconds = self.compute_timer.seconds()
         self.callbacks.on_step_end(self, self.step, self._step_metrics(loss, lr, grad_norm, elapsed))
         return loss, grad_norm
 
@@ -334,7 +464,8 @@ class Trainer:
         n = self.cfg.train.eval_iters
         progress = ProgressMeter(n, "eval", "batches", enabled=self.info.is_logging_rank)
         try:
-            iterators = [self.valid_batches.eval_iterator(n) for _ in self.model]
+            host = self._agreed_batches(lambda: self.valid_batches.eval_host_batches(n))
+            iterators = [self.valid_batches.eval_iterator(n, host) for _ in self.model]
             iterators[-1] = _counted(iterators[-1], progress)  # the last chunk's batches: the loss's
             loss = self._run_schedule(iterators, n, forward_only=True)
         finally:
@@ -357,16 +488,15 @@ class Trainer:
         """Train to ``train.steps``; evaluate and checkpoint on schedule. Returns the final validation loss.
         Calls the callbacks' ``on_train_end`` on the way out, however it ends."""
         try:
-            return self._train()
+            with self._watched():
+                return self._train()
         finally:
             self.callbacks.on_train_end(self)
 
     def _train(self) -> float:
         if self.should_stop():
             logger.info("already at step %d of %d: nothing to train", self.step, self.cfg.train.steps)
-        watchdog = (Watchdog(self.progress, timeout_s=self.cfg.parallel.distributed_timeout_s, board=self.info.board,
-                             global_rank=self.info.global_rank) if self.info.world_size > 1 else nullcontext())
-        with watchdog, StopSignal() as stop:
+        with StopSignal() as stop:
             while not self.should_stop():
                 self._train_and_log()
                 self.ckpt.poll()  # checkpoint.async_save: publish a save every rank has finished writing
@@ -389,6 +519,7 @@ class Trainer:
         due for."""
         t, c = self.cfg.train, self.cfg.checkpoint
         self.train_step()
+        self.stragglers.record(self.step, self.compute_seconds)  # every N steps: one all_gather of a float
         if t.eval_every and self.step % t.eval_every == 0 and self.step < t.steps:
             self.evaluate()
         if c.every and self.step % c.every == 0 and self.step < t.steps:
@@ -435,9 +566,11 @@ class Trainer:
         meta = {"config": config_to_dict(self.cfg), "vocab_size": self.vocab_size,
                 "consumed_samples": self.step * self.cfg.train.global_batch, "layout": self._layout(),
                 "guard": self.guard.state_dict(), "rng_state": True}
-        self.progress.update(self.step, "checkpoint save", watched=False)  # large saves may take long
-        path = self.ckpt.save(self.step, self._sharded_state_dict(), meta, write_local=self.backend.save_optimizer)
-        self.progress.update(self.step, "after checkpoint save")
+        with self._watched():
+            self.progress.update(self.step, "checkpoint save", long=True)  # parallel.io_timeout_s
+            path = self.ckpt.save(self.step, self._sharded_state_dict(), meta,
+                                  write_local=self.backend.save_optimizer)
+            self.progress.update(self.step, "after checkpoint save")
         self.callbacks.on_save_end(self, path)
         return path
 
@@ -447,7 +580,7 @@ class Trainer:
     def wait_for_checkpoint(self) -> None:
         """Block until a pending asynchronous save (``checkpoint.async_save``) is published; collective."""
         if self.ckpt.pending is not None:
-            self.progress.update(self.step, "checkpoint finalize", watched=False)
+            self.progress.update(self.step, "checkpoint finalize", long=True)
             self.ckpt.wait()
             self.progress.update(self.step, "after checkpoint finalize")
 
@@ -480,11 +613,16 @@ class Trainer:
                            "this run's seeds", path.name, reason)
         return reason is None
 
-    def load(self, path: Path) -> None:
+    def load(self, path: Path, *, checked: bool = False) -> None:
+        """Load the checkpoint ``path`` (verified first, unless ``checked``: :meth:`CheckpointManager.check` just
+        passed)."""
+        if not checked:
+            CheckpointManager.check(path)  # before its files are read, elas_meta.json included
         meta = CheckpointManager.read_meta(path)
         self._check_compatible(path, meta)
         restore_rng = self._rng_restorable(path, meta)
-        loaded = CheckpointManager.load(path, self._sharded_state_dict(is_loading=True, rng=restore_rng))
+        loaded = CheckpointManager.load(path, self._sharded_state_dict(is_loading=True, rng=restore_rng),
+                                        checked=True)
         models = self._unwrapped()
         if len(models) == 1:
             models[0].load_state_dict(loaded["model"])
@@ -503,10 +641,15 @@ class Trainer:
         logger.info("resumed from %s at step %d", path, self.step)
 
     def load_latest(self) -> bool:
+        self._starting("loading the checkpoint")
         path = self.ckpt.latest()
         if path is None:
             logger.info("--resume: no checkpoint in %s yet, starting from step 0", self.ckpt.dir)
             return False
-        self.load(path)
+        if self.cfg.checkpoint.fallback_to_verified:  # a checkpoint failing verification is skipped, with a warning
+            path = self.ckpt.newest_loadable(path)
+            self.load(path, checked=True)
+        else:
+            self.load(path)
         self.callbacks.on_resume(self, path)
         return True

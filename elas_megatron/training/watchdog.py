@@ -29,17 +29,19 @@ EXIT_HANG = 124
 
 
 class Progress:
-    """Where this rank is: (step, phase) and when it got there. Updating it is two attribute writes."""
+    """Where this rank is: (step, phase) and when it got there. Updating it is a few attribute writes."""
 
     def __init__(self) -> None:
         self.step = 0
         self.phase = "start"
         self.since = time.monotonic()
         self.watched = True
+        self.long = False
 
-    def update(self, step: int, phase: str, watched: bool = True) -> None:
-        """``watched=False`` for phases the watchdog must not time (checkpoint writes may take long)."""
-        self.step, self.phase, self.watched, self.since = step, phase, watched, time.monotonic()
+    def update(self, step: int, phase: str, watched: bool = True, long: bool = False) -> None:
+        """``long=True`` for phases timed with the watchdog's longer ``io_timeout_s`` (start-up, checkpoint save
+        and load); ``watched=False`` for phases it must not time at all."""
+        self.step, self.phase, self.watched, self.long, self.since = step, phase, watched, long, time.monotonic()
 
 
 def _main_thread_location() -> tuple[bool, str]:
@@ -68,7 +70,7 @@ def diagnose_hang(reports: dict[int, dict | None], me: int, now: float, stale_s:
     def describe(rank: int) -> str:
         rep = reports.get(rank)
         if rep is None:
-            return f"rank {rank}: no report at all (never started the training loop, or died)"
+            return f"rank {rank}: no report at all (never got past distributed initialisation, or died)"
         age = now - rep["wall"]
         state = "waiting in torch.distributed" if rep["in_collective"] else "not in a collective"
         return (f"rank {rank}: step {rep['step']} '{rep['phase']}', idle {rep['idle_s'] + age:.0f} s, {state}: "
@@ -97,31 +99,56 @@ class Watchdog:
     """A daemon thread that reports this rank's :class:`Progress` and ends the process when it stops moving.
 
     Args:
-        progress: updated by the training loop.
+        progress: updated by the trainer (start-up phases, training steps, checkpoint save and load).
         timeout_s: ``parallel.distributed_timeout_s``: no progress for this long is a hang.
-        board: the shared :class:`~elas_megatron.parallel.setup.ProgressBoard` (None: a one-rank diagnosis).
+        io_timeout_s: ``parallel.io_timeout_s``: the limit instead in phases marked ``long`` (default:
+            ``timeout_s``).
+        board: the shared :class:`~elas_megatron.parallel.setup.ProgressBoard` (None: a one-rank diagnosis, e.g.
+            a single process).
         global_rank: this process.
         on_hang: called with the message (default: print it and exit with :data:`EXIT_HANG`).
+
+    A context manager; :meth:`start` / :meth:`stop` may also be called, several times (the trainer watches its
+    start-up, ``train()``, and saves and loads called on their own, not the time in between).
     """
 
     def __init__(self, progress: Progress, *, timeout_s: float, board, global_rank: int,
-                 on_hang: Callable[[str], None] = _exit_process) -> None:
+                 io_timeout_s: float | None = None, on_hang: Callable[[str], None] = _exit_process) -> None:
         self.progress = progress
         self.timeout_s = timeout_s
+        self.io_timeout_s = io_timeout_s if io_timeout_s is not None else timeout_s
         self.board = board
         self.global_rank = global_rank
         self.on_hang = on_hang
-        self.poll_s = max(0.2, min(5.0, timeout_s / 10))
+        self.poll_s = max(0.2, min(5.0, min(timeout_s, self.io_timeout_s) / 10))
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="elas-watchdog", daemon=True)
+        self._thread: threading.Thread | None = None
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def start(self) -> None:
+        if self.running:
+            return
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(self._stop,), name="elas-watchdog", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        if self._thread is None:
+            return
+        self._stop.set()
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout=10)
+        self._thread = None
 
     def __enter__(self) -> Self:
-        self._thread.start()
+        self.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(timeout=10)
+        self.stop()
 
     def _report(self) -> dict:
         p = self.progress
@@ -129,8 +156,14 @@ class Watchdog:
         return {"step": p.step, "phase": p.phase, "idle_s": time.monotonic() - p.since, "wall": time.time(),
                 "in_collective": in_collective, "where": where}
 
-    def _run(self) -> None:
-        while not self._stop.wait(self.poll_s):
+    def limit(self) -> tuple[float, str]:
+        """(seconds, config key) of the limit for the phase the rank is in now."""
+        if self.progress.long:
+            return self.io_timeout_s, "parallel.io_timeout_s"
+        return self.timeout_s, "parallel.distributed_timeout_s"
+
+    def _run(self, stop: threading.Event) -> None:
+        while not stop.wait(self.poll_s):
             report = self._report()
             declared = False
             try:
@@ -139,7 +172,8 @@ class Watchdog:
                     declared = self.board.hang_declared()
             except (RuntimeError, OSError) as exc:  # the store went away (job teardown): keep timing locally
                 logger.debug("watchdog: cannot post progress: %s", exc)
-            if declared or (self.progress.watched and report["idle_s"] > self.timeout_s):
+            limit, _ = self.limit()
+            if declared or (self.progress.watched and report["idle_s"] > limit):
                 message = self.describe_hang(report)
                 self._settle()
                 self.on_hang(message)
@@ -173,5 +207,6 @@ class Watchdog:
             except (RuntimeError, OSError) as exc:
                 logger.debug("watchdog: cannot read the other ranks' progress: %s", exc)
         diagnosis = diagnose_hang(reports, self.global_rank, time.time(), stale_s=3 * self.poll_s + 5)
-        return (f"no progress for {report['idle_s']:.0f} s (parallel.distributed_timeout_s={self.timeout_s:g}) on "
-                f"rank {self.global_rank}: {diagnosis}. Check the stuck rank's node and log; restart with --resume")
+        limit, key = self.limit()
+        return (f"no progress for {report['idle_s']:.0f} s ({key}={limit:g}) on rank {self.global_rank}: "
+                f"{diagnosis}. Check the stuck rank's node and log; restart with --resume")

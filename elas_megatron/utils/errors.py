@@ -7,7 +7,7 @@ components sit below :mod:`elas_megatron.config`, which composes their settings;
 """
 from __future__ import annotations
 
-__all__ = ["CheckpointError", "ConfigError"]
+__all__ = ["CheckpointError", "ConfigError", "DataError"]
 
 
 class ConfigError(ValueError):
@@ -18,3 +18,9 @@ class CheckpointError(RuntimeError):
     """A checkpoint cannot be written, does not fit this run, or is refused on load (damaged, not verifiable, or
     holding something other than data); the message names the file and the fix. Re-exported by
     :mod:`elas_megatron.training.checkpoint`."""
+
+
+class DataError(ValueError):
+    """The training data holds what the model cannot take (a token id outside the vocabulary); the message names
+    the data file, the document, the sample and the step, and the fix. Raised by
+    :mod:`elas_megatron.data.loader`."""

@@ -1,6 +1,8 @@
 """``elas-train`` with the faults of ``$ELAS_TEST_FAULTS`` injected (:class:`faults.FaultInjector`).
 
 Takes elas-train's arguments; ``reliability_runs.launch(..., faults=spec)`` runs it (also under torchrun).
+``$ELAS_TEST_SLOW_START=PHASE:FILE`` also stalls start-up (:func:`faults.slow_startup`; PHASE ``datasets`` or
+``checkpoint_load``), creating FILE when the stall begins.
 """
 from __future__ import annotations
 
@@ -11,10 +13,11 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 
 def main(argv: list[str] | None = None, callbacks=()) -> int:
-    from faults import FaultInjector
+    from faults import FaultInjector, slow_startup_from_env
 
     from elas_megatron.cli.train import main as train
 
+    slow_startup_from_env()
     faults = FaultInjector.from_env()
     return train(argv, callbacks=[*([faults] if faults is not None else []), *callbacks])
 

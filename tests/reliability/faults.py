@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 
 import torch
 
@@ -37,6 +38,8 @@ class FaultInjector(Callback):
     ``STEP`` is the 1-based step as logged in metrics.jsonl (for ``*_in_save``: the checkpoint's step). Kinds:
 
     * ``kill@5`` -- SIGKILL itself at the start of step 5; ``hang@5`` -- sleep forever there;
+    * ``slow@2:0.4`` -- sleep 0.4 s at the start of every step from step 2 on (a straggler);
+    * ``hang_in_save@4`` -- sleep forever at the start of the save of checkpoint 4 (a stalled file system);
     * ``kill_in_save@4:written`` -- SIGKILL inside ``CheckpointManager.save`` of step 4; the phase is ``written``
       (files written, not yet published) or ``published`` (renamed into place, ``latest`` not yet updated);
     * ``disk_full_in_save@4`` -- limit this process's file size (RLIMIT_FSIZE) before writing checkpoint 4, so its
@@ -48,7 +51,7 @@ class FaultInjector(Callback):
     (``Trainer(..., callbacks=[...])``, ``elas_megatron.cli.train.main(argv, callbacks=[...])``).
     """
 
-    KINDS = ("kill", "hang", "kill_in_save", "disk_full_in_save", "nan_grad", "nan_act")
+    KINDS = ("kill", "hang", "slow", "kill_in_save", "hang_in_save", "disk_full_in_save", "nan_grad", "nan_act")
 
     def __init__(self, faults: list[Fault]) -> None:
         self.all_faults = list(faults)
@@ -96,6 +99,9 @@ class FaultInjector(Callback):
         if self.take("hang", step):
             while True:
                 time.sleep(3600)
+        for f in self.faults:
+            if f.kind == "slow" and step >= f.step:
+                time.sleep(float(f.arg or 0.5))
 
     def on_checkpoint_phase(self, phase: str, step: int) -> None:
         """Called by ``CheckpointManager.save`` at ``begin``, ``scheduled``, ``written`` and ``published``."""
@@ -107,6 +113,9 @@ class FaultInjector(Callback):
         for f in self.faults:
             if f.kind == "kill_in_save" and f.step == step and (f.arg or "written") == phase:
                 os.kill(os.getpid(), signal.SIGKILL)
+        if phase == "begin" and self.take("hang_in_save", step):
+            while True:
+                time.sleep(3600)
 
     def install(self, named_chunks: list[torch.nn.Module], current_step: Callable[[], int]) -> None:
         """Hooks for ``nan_grad`` / ``nan_act`` on the bare model chunks; ``current_step()`` is 1-based."""
@@ -139,3 +148,56 @@ class FaultInjector(Callback):
         if isinstance(output, tuple):
             return (output[0] * float("nan"), *output[1:])
         return output * float("nan")
+
+
+SLOW_START_ENV = "ELAS_TEST_SLOW_START"
+
+
+def slow_startup(phase: str, marker: str, seconds: float = 120.0) -> None:
+    """Stall start-up for ``seconds`` (interruptible: a plain ``time.sleep``), creating the file ``marker`` when
+    the stall begins (``marker.RANK``), in ``phase``:
+
+    * ``datasets`` -- right after the dataset index cache was written, while its build still holds the cache lock
+      (a stop signal there must leave no files of the build behind);
+    * ``checkpoint_load`` -- at the start of loading the checkpoint of ``--resume``.
+    """
+    def stall() -> None:
+        Path(f"{marker}.{os.environ.get('RANK', '0')}").touch()
+        time.sleep(seconds)
+
+    if phase == "datasets":
+        from elas_megatron.data import datasets
+
+        real_builder = datasets._builder_class
+
+        def builder_class():
+            cls = real_builder()
+
+            class Stalled(cls):
+                def build(self):
+                    result = super().build()
+                    stall()
+                    return result
+
+            return Stalled
+
+        datasets._builder_class = builder_class
+    elif phase == "checkpoint_load":
+        from elas_megatron.training.checkpoint import CheckpointManager
+
+        real_load = CheckpointManager.load
+
+        def load(path, sharded_state_dict, **kwargs):
+            stall()
+            return real_load(path, sharded_state_dict, **kwargs)
+
+        CheckpointManager.load = staticmethod(load)
+    else:
+        raise ValueError(f"unknown start-up phase {phase!r}; use datasets or checkpoint_load")
+
+
+def slow_startup_from_env() -> None:
+    spec = os.environ.get(SLOW_START_ENV, "").strip()
+    if spec:
+        phase, _, marker = spec.partition(":")
+        slow_startup(phase, marker)

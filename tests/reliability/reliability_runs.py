@@ -31,7 +31,7 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
 
 
 def launch(run_dir: Path, *overrides: str, nproc: int = 2, faults: str | None = None, resume: bool = False,
-           timeout_s: int = 240, script: Path | None = None) -> subprocess.CompletedProcess:
+           timeout_s: int = 240, script: Path | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run ``elas-train configs/demo.yaml`` (under torchrun when ``nproc > 1``) and wait for it.
 
     ``faults``: injected by :class:`faults.FaultInjector` (``fault_train.py`` runs instead of elas-train).
@@ -40,17 +40,23 @@ def launch(run_dir: Path, *overrides: str, nproc: int = 2, faults: str | None = 
     rank leaves dist_checkpointing's helper processes behind, in the rank's own session -- is found by a marker in
     its environment and killed by pid (only processes this call started).
     """
+    cmd = launch_command(run_dir, *overrides, nproc=nproc, script=script if script or not faults else FAULT_TRAIN,
+                         resume=resume)
+    env = {**({FAULTS_ENV: faults} if faults else {}), **(env or {})}
+    log = run_dir.parent / f"{run_dir.name}.launch{len(list(run_dir.parent.glob(run_dir.name + '.launch*')))}"
+    return run(cmd, log, timeout_s, env)
+
+
+def launch_command(run_dir: Path, *overrides: str, nproc: int = 2, script: Path | None = None,
+                   resume: bool = False) -> list[str]:
+    """The command :func:`launch` runs."""
     cmd = TORCHRUN + ["--nproc-per-node", str(nproc)] if nproc > 1 else [sys.executable, "-u"]
-    if script is None and faults:
-        script = FAULT_TRAIN
     cmd += ["-m", "elas_megatron.cli.train"] if script is None else [str(script)]
     cmd += [str(REPO / "configs/demo.yaml"), *TINY, *DATA, f"train.run_dir={run_dir}",
             f"data.cache_dir={run_dir.parent / 'data_cache'}", *overrides]
     if resume:
         cmd.append("--resume")
-    env = {FAULTS_ENV: faults} if faults else {}
-    log = run_dir.parent / f"{run_dir.name}.launch{len(list(run_dir.parent.glob(run_dir.name + '.launch*')))}"
-    return run(cmd, log, timeout_s, env)
+    return cmd
 
 
 def run(cmd: list[str], log: Path, timeout_s: int, env: dict | None = None) -> subprocess.CompletedProcess:

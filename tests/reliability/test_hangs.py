@@ -1,13 +1,15 @@
 """Collective hangs: with parallel.distributed_timeout_s, a rank that stops (here: sleeps) makes every rank exit
 with a message naming it, during training (watchdog) and during distributed initialisation -- where gloo alone
-says only "Timed out waiting 3000ms for recv operation" or lists store keys. (The watchdog's own rules:
+says only "Timed out waiting 3000ms for recv operation" or lists store keys. Checkpoint saves and start-up are
+timed too (parallel.io_timeout_s), also in a single process. (The watchdog's own rules:
 tests/unit/training/test_watchdog.py.)"""
 from __future__ import annotations
 
 import time
 
 import pytest
-from reliability_runs import TORCHRUN, launch, run
+from faults import SLOW_START_ENV
+from reliability_runs import FAULT_TRAIN, TORCHRUN, launch, run
 
 from elas_megatron.training.watchdog import EXIT_HANG
 
@@ -50,3 +52,38 @@ def test_initialisation_timeout_names_the_rank_that_never_joined(tmp_path):
     err = run(cmd, tmp_path / "init", timeout_s=90).stderr
     assert ("rank 0: distributed initialisation failed on global rank 0 of 2 after waiting up to "
             "parallel.distributed_timeout_s=3: rank(s) [1] never joined") in err, err[-3000:]
+
+
+@pytest.mark.distributed
+def test_a_stall_in_a_checkpoint_save_on_one_rank_is_named(tmp_path):
+    """Rank 1 stalls at the start of the save of step 4 (a dead file system); rank 0 waits for it in the save's
+    first collective. Saves are timed with parallel.io_timeout_s (longer than the collectives' limit in real runs;
+    here shorter, so that the watchdog, not gloo, ends the job)."""
+    start = time.monotonic()
+    result = launch(tmp_path / "run", "train.steps=6", "checkpoint.every=4", "checkpoint.save_final=false",
+                    "parallel.io_timeout_s=6", "parallel.distributed_timeout_s=120", faults="hang_in_save@4:rank=1",
+                    timeout_s=150)
+    assert result.returncode != 0 and time.monotonic() - start < 120
+    assert result.stderr.count(f"exitcode  : {EXIT_HANG}") == 2, result.stderr[-3000:]
+    lines = {line.split(" on rank ")[1][:1]: line for line in result.stderr.splitlines()
+             if line.startswith("elas-train: error: no progress for")}
+    assert set(lines) == {"0", "1"}, result.stderr[-3000:]
+    for line in lines.values():
+        assert "(parallel.io_timeout_s=6)" in line
+        assert "stuck rank(s) [1] -- rank 1: step 4 'checkpoint save'" in line and "not in a collective" in line
+    assert "this rank: rank 0: step 4 'checkpoint save'" in lines["0"] and "waiting in torch.distributed" in lines["0"]
+    assert not list((tmp_path / "run" / "checkpoints").glob("step_00000004"))  # nothing half-published
+
+
+@pytest.mark.parametrize("stall", ["save", "startup"])
+def test_the_watchdog_times_one_process_too(tmp_path, stall):
+    """A single process (no torchrun store) that stalls in a checkpoint save, or in start-up (after the dataset
+    index build), is ended by its own watchdog naming itself and the phase."""
+    env = {SLOW_START_ENV: f"datasets:{tmp_path / 'stalled'}"} if stall == "startup" else None
+    result = launch(tmp_path / "run", "train.steps=3", "checkpoint.every=2", "parallel.io_timeout_s=4", nproc=1,
+                    faults="hang_in_save@2" if stall == "save" else None, env=env, script=FAULT_TRAIN, timeout_s=120)
+    assert result.returncode == EXIT_HANG, result.stderr[-3000:]
+    phase = "step 2 'checkpoint save'" if stall == "save" else "step 0 'start-up: building the datasets'"
+    lines = [line for line in result.stderr.splitlines() if line.startswith("elas-train:")]
+    assert len(lines) == 1 and lines[0].startswith("elas-train: error: no progress for"), result.stderr[-3000:]
+    assert f"(parallel.io_timeout_s=4) on rank 0: stuck rank(s) [0] -- rank 0: {phase}" in lines[0]

@@ -48,6 +48,28 @@ def test_diagnosis_rules():
     assert diagnose_hang(reports, 0, now, stale_s=10).startswith("stuck rank(s) [1]")
 
 
+def test_long_phases_get_the_io_timeout():
+    progress, fired = Progress(), []
+    with Watchdog(progress, timeout_s=1.0, io_timeout_s=2.5, board=None, global_rank=0, on_hang=fired.append):
+        progress.update(4, "checkpoint save", long=True)
+        time.sleep(1.6)
+        assert not fired  # past timeout_s, within io_timeout_s
+        deadline = time.monotonic() + 5
+        while not fired and time.monotonic() < deadline:
+            time.sleep(0.1)
+    assert fired and "(parallel.io_timeout_s=2.5) on rank 0" in fired[0] and "step 4 'checkpoint save'" in fired[0]
+
+
+def test_the_watchdog_restarts():
+    dog = Watchdog(Progress(), timeout_s=60, board=None, global_rank=0, on_hang=lambda message: None)
+    for _ in range(2):
+        dog.start()
+        assert dog.running
+        dog.stop()
+        assert not dog.running
+    assert "elas-watchdog" not in {t.name for t in threading.enumerate()}
+
+
 def test_watchdog_thread_is_gone_after_training():
     before = {t.name for t in threading.enumerate()}
     with Watchdog(Progress(), timeout_s=60, board=None, global_rank=0, on_hang=lambda message: None):

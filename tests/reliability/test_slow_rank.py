@@ -1,0 +1,29 @@
+"""Stragglers: every parallel.straggler_check_every steps the ranks compare their compute time per step (one
+all_gather of a float), and rank 0 names a rank slower than 1.2x the median -- here rank 1, slowed by the fault
+injector (0.4 s more per step), in a 2-rank torchrun job. The decision rule on its own:
+tests/unit/training/test_stragglers.py."""
+from __future__ import annotations
+
+import re
+
+import pytest
+from reliability_runs import launch
+
+
+@pytest.mark.distributed
+def test_a_slow_rank_is_named_in_the_log(tmp_path):
+    result = launch(tmp_path / "run", "train.steps=6", "parallel.straggler_check_every=3",
+                    "checkpoint.save_final=false", faults="slow@1:rank=1:0.4", timeout_s=180)
+    assert result.returncode == 0, result.stderr[-3000:]
+    warnings = re.findall(r"straggler: rank (\d) took ([\d.]+) s of compute per step over steps (\d-\d), ([\d.]+)x "
+                          r"the median", result.stderr)
+    assert [(w[0], w[2]) for w in warnings] == [("1", "1-3"), ("1", "4-6")], result.stderr[-3000:]
+    assert all(float(w[1]) >= 0.4 and float(w[3]) > 1.2 for w in warnings)
+    assert "[rank1]" not in "".join(l for l in result.stderr.splitlines() if "straggler:" in l)  # rank 0 logs it
+
+
+@pytest.mark.distributed
+def test_no_warning_without_a_straggler(tmp_path):
+    result = launch(tmp_path / "run", "train.steps=3", "parallel.straggler_check_every=3",
+                    "checkpoint.save_final=false", timeout_s=180)
+    assert result.returncode == 0 and "straggler:" not in result.stderr, result.stderr[-3000:]
