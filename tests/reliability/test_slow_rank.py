@@ -11,19 +11,14 @@ from reliability_runs import launch
 
 
 @pytest.mark.distributed
-def test_a_slow_rank_is_named_in_the_log(tmp_path):
+def test_a_rank_that_turns_slow_is_named_in_the_log_and_not_before(tmp_path):
+    """One launch for both halves (each torchrun start costs ~10 s on 2 cores): rank 1 is slowed from step 4 on, so
+    the window of steps 1-3 must pass without a warning and the window 4-6 must name rank 1."""
     result = launch(tmp_path / "run", "train.steps=6", "parallel.straggler_check_every=3",
-                    "checkpoint.save_final=false", faults="slow@1:rank=1:0.4", timeout_s=180)
+                    "checkpoint.save_final=false", faults="slow@4:rank=1:0.4", timeout_s=180)
     assert result.returncode == 0, result.stderr[-3000:]
     warnings = re.findall(r"straggler: rank (\d) took ([\d.]+) s of compute per step over steps (\d-\d), ([\d.]+)x "
                           r"the median", result.stderr)
-    assert [(w[0], w[2]) for w in warnings] == [("1", "1-3"), ("1", "4-6")], result.stderr[-3000:]
+    assert [(w[0], w[2]) for w in warnings] == [("1", "4-6")], result.stderr[-3000:]
     assert all(float(w[1]) >= 0.4 and float(w[3]) > 1.2 for w in warnings)
     assert "[rank1]" not in "".join(l for l in result.stderr.splitlines() if "straggler:" in l)  # rank 0 logs it
-
-
-@pytest.mark.distributed
-def test_no_warning_without_a_straggler(tmp_path):
-    result = launch(tmp_path / "run", "train.steps=3", "parallel.straggler_check_every=3",
-                    "checkpoint.save_final=false", timeout_s=180)
-    assert result.returncode == 0 and "straggler:" not in result.stderr, result.stderr[-3000:]

@@ -88,6 +88,10 @@ def _cases_world4() -> dict[str, list[str]]:
     return cases
 
 
+# Cases that train fewer than STEPS steps (compared with the reference's first steps): under Triton's interpreter
+# a step of the fused-RoPE case costs ~9 s on 2 cores, and a wrong rotation moves the loss at step 2 already.
+SHORT = {"elas/tp2-sp-rope-triton": 2}
+
 # Save after half the steps, then a new Trainer resumes in the same layout and finishes (exact resume).
 RESUME_SAME_LAYOUT = {
     "dense/dp2-megatron": "resume/dp2-megatron",
@@ -130,7 +134,7 @@ def run_case(name: str, overrides: list[str], work: Path, world_size: int, *, sa
     start = time.perf_counter()
     cfg = _config(overrides, work / name.replace("/", "_"), world_size)
     trainer = Trainer(cfg, datasets=_datasets())
-    losses = _train(trainer, save_at or STEPS)
+    losses = _train(trainer, save_at or SHORT.get(name, STEPS))
     saved = None
     if save_at is not None:
         saved = str(trainer.save())
