@@ -10,7 +10,7 @@ and must end with the per-step losses of one single-process run of that config, 
   shell only: the script sends the workers SIGUSR1) each stop the job, which is requeued and resumes from its
   latest checkpoint; the appended output file holds every attempt;
 * ``submit.sh --chain=2``: a rank of the first link is SIGKILLed on node n2, ``--kill-on-bad-exit`` fails that link
-  at once, and the second link (``--dependency=afterany``) resumes from the last complete checkpoint.
+  (once the dead rank's torchrun agent has given up on the rendezvous: 50-120 s), and the second link (``--dependency=afterany``) resumes from the last complete checkpoint.
 
 SLURM holds a requeued job until its old credentials expire (two minutes by default; 6 s in this cluster).
 """
@@ -173,7 +173,10 @@ def test_chain_continues_after_a_rank_is_killed(slurm, reference, tmp_path):
     killed_at = time.monotonic()
     info = slurm.wait_job(first, ("FAILED", "COMPLETED", "CANCELLED"), JOB_TIMEOUT_S)
     assert info["JobState"] == "FAILED", output(run_dir, first)[-3000:]
-    assert time.monotonic() - killed_at < 60               # --kill-on-bad-exit: the other node does not wait
+    # --kill-on-bad-exit ends the job once the dead rank's srun task (its torchrun agent) exits; the agent gives up
+    # on the rendezvous first, so that takes 50-120 s here (measured), far below parallel.distributed_timeout_s
+    # (600 s), after which the surviving rank would stop by itself
+    assert time.monotonic() - killed_at < 240
     latest = (run_dir / "checkpoints" / "latest").read_text().strip()
     assert latest.startswith("step_") and int(latest[5:]) % 2 == 0
 
