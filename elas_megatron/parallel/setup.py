@@ -196,6 +196,27 @@ def initialize_parallel(parallel: ParallelConfig, *, seed: int, device: str = "a
     return info
 
 
+def rank_errors(error: str | None) -> list[tuple[int, str]]:
+    """Collective over the world: every rank's ``error`` that is not None, as ``(rank, error)`` in rank order, the
+    same list on every rank, so that all ranks stop together when any one cannot go on. Without a multi-process
+    group it is this process's own error (rank 0) and communicates nothing."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return [(0, error)] if error else []
+    errors: list[str | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(errors, error)
+    return [(rank, e) for rank, e in enumerate(errors) if e]
+
+
+def first_rank_error(error: str | None) -> str | None:
+    """Collective (:func:`rank_errors`): the lowest failing rank's error, as ``"rank R: error"`` in a
+    multi-process run and as it is in one process; None when no rank has one."""
+    failed = rank_errors(error)
+    if not failed:
+        return None
+    rank, first = failed[0]
+    return f"rank {rank}: {first}" if dist.is_initialized() and dist.get_world_size() > 1 else first
+
+
 def _destroy_subgroups() -> None:
     """Destroy every process group but the world (all ranks call this, as they created them).
 

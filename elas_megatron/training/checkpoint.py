@@ -59,6 +59,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 from elas_megatron.compat.checkpoint_writer import start_writer_queue
 from elas_megatron.compat.upstream_warnings import dist_checkpoint_load_warnings_ignored
+from elas_megatron.parallel.setup import rank_errors
 from elas_megatron.training.checkpoint_trust import (read_json, resolve_latest, verify_manifest, vet_checkpoint,
                                                      write_manifest)
 from elas_megatron.utils.errors import CheckpointError
@@ -78,11 +79,7 @@ def _barrier() -> None:
 
 def _agree(error: str | None, what: str) -> None:
     """Collective: raise the same :class:`CheckpointError` on every rank if any rank passes an ``error``."""
-    errors = [error]
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        errors = [None] * dist.get_world_size()
-        dist.all_gather_object(errors, error)
-    failed = [(rank, e) for rank, e in enumerate(errors) if e]
+    failed = rank_errors(error)
     if failed:
         ranks = "; ".join(f"rank {rank}: {e}" for rank, e in failed[:4]) + (" ..." if len(failed) > 4 else "")
         raise CheckpointError(f"{what}: {ranks}")

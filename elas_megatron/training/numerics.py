@@ -19,6 +19,7 @@ from functools import partial
 import torch
 import torch.distributed as dist
 
+from elas_megatron.parallel.setup import first_rank_error
 from elas_megatron.utils.errors import DataError
 
 __all__ = ["NumericGuard", "NumericalError"]
@@ -172,13 +173,7 @@ class NumericGuard:
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
         act_bad, grad_bad, data_bad = bool(flags[0]), bool(flags[1]), bool(flags[2])
         if data_bad:  # bad token ids somewhere (trainer.train_step): every rank stops before the optimizer step
-            error = self.data_error
-            if multi:
-                errors: list[str | None] = [None] * dist.get_world_size()
-                dist.all_gather_object(errors, error)
-                rank, error = next((r, e) for r, e in enumerate(errors) if e)
-                error = f"rank {rank}: {error}"
-            raise DataError(error)
+            raise DataError(first_rank_error(self.data_error))
         if act_bad or grad_bad or not math.isfinite(loss):
             reports = [self._local_report()]
             if dist.is_initialized() and dist.get_world_size() > 1:

@@ -19,8 +19,7 @@ import socket
 from pathlib import Path
 from typing import Callable
 
-import torch.distributed as dist
-
+from elas_megatron.parallel.setup import rank_errors
 from elas_megatron.utils.errors import ConfigError
 
 LOCK_NAME = ".lock"
@@ -139,10 +138,7 @@ def prepare_run_dir(run_dir: str | Path, *, is_owner: bool,
         if error and lock is not None:
             lock.release()
             lock = None
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        errors = [None] * dist.get_world_size()
-        dist.all_gather_object(errors, error)
-        error = next((e for e in errors if e), None)
-    if error:
-        raise RunDirError(error)
+    failed = rank_errors(error)
+    if failed:
+        raise RunDirError(failed[0][1])
     return lock

@@ -33,7 +33,7 @@ import torch.distributed as dist
 from elas_megatron.config.loader import config_to_dict, dump_config
 from elas_megatron.config.schema import Config, ConfigError, validate
 from elas_megatron.data.loader import StepBatches
-from elas_megatron.parallel.setup import ParallelInfo, initialize_parallel
+from elas_megatron.parallel.setup import ParallelInfo, first_rank_error, initialize_parallel
 from elas_megatron.training.callbacks import Callback, CallbackList
 from elas_megatron.training.checkpoint import (RNG_KEY, CheckpointError, CheckpointManager, get_rng_state,
                                                 rng_sharded_object, set_rng_state)
@@ -260,11 +260,7 @@ class Trainer:
                      f"{t.seq_len}, {self.device.type} {'bf16' if self.bf16 else 'fp32'}) but "
                      f"{available / GIB:.1f} GiB is available ({where}); " + ", ".join(fixes)
                      + ", or set train.check_memory=false to start anyway")
-        if self.info.world_size > 1:
-            errors: list[str | None] = [None] * self.info.world_size
-            dist.all_gather_object(errors, error)
-            failed = [(r, e) for r, e in enumerate(errors) if e]
-            error = f"rank {failed[0][0]}: {failed[0][1]}" if failed else None
+        error = first_rank_error(error)
         if error is not None:
             raise ConfigError(error)
         logger.info("memory estimate: %.2f GiB per process, %.1f GiB available (%s)", stage.total / GIB,
@@ -345,10 +341,7 @@ class Trainer:
             flag = torch.tensor([error is not None], dtype=torch.int32, device=self.device)
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
             if flag.item():
-                errors: list[str | None] = [None] * self.info.world_size
-                dist.all_gather_object(errors, error)
-                rank, error = next((r, e) for r, e in enumerate(errors) if e)
-                error = f"rank {rank}: {error}"
+                error = first_rank_error(error)
         if error is not None:
             raise DataError(error)
         return host
