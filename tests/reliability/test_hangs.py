@@ -14,16 +14,22 @@ from reliability_runs import FAULT_TRAIN, TORCHRUN, launch, run
 from elas_megatron.training.watchdog import EXIT_HANG
 
 
+def _hang_lines_of_both_ranks(result) -> dict[str, str]:
+    """Both ranks of a 2-rank job exited with the hang code; their watchdog lines by rank ("0", "1")."""
+    assert result.stderr.count(f"exitcode  : {EXIT_HANG}") == 2, result.stderr[-3000:]
+    lines = {line.split(" on rank ")[1][:1]: line for line in result.stderr.splitlines()
+             if line.startswith("elas-train: error: no progress for")}
+    assert set(lines) == {"0", "1"}, result.stderr[-3000:]
+    return lines
+
+
 @pytest.mark.distributed
 def test_a_stuck_rank_is_named_by_every_rank(tmp_path):
     start = time.monotonic()
     result = launch(tmp_path / "run", "train.steps=6", "checkpoint.save_final=false",
                     "parallel.distributed_timeout_s=8", faults="hang@3:rank=1", timeout_s=120)
     assert result.returncode != 0 and time.monotonic() - start < 90
-    assert result.stderr.count(f"exitcode  : {EXIT_HANG}") == 2, result.stderr[-3000:]
-    lines = {line.split(" on rank ")[1][:1]: line for line in result.stderr.splitlines()
-             if line.startswith("elas-train: error: no progress for")}
-    assert set(lines) == {"0", "1"}, result.stderr[-3000:]
+    lines = _hang_lines_of_both_ranks(result)
     for line in lines.values():
         assert "parallel.distributed_timeout_s=8" in line
         assert "stuck rank(s) [1] -- rank 1: step 3 'step start'" in line and "not in a collective" in line
@@ -64,10 +70,7 @@ def test_a_stall_in_a_checkpoint_save_on_one_rank_is_named(tmp_path):
                     "parallel.io_timeout_s=6", "parallel.distributed_timeout_s=120", faults="hang_in_save@4:rank=1",
                     timeout_s=150)
     assert result.returncode != 0 and time.monotonic() - start < 120
-    assert result.stderr.count(f"exitcode  : {EXIT_HANG}") == 2, result.stderr[-3000:]
-    lines = {line.split(" on rank ")[1][:1]: line for line in result.stderr.splitlines()
-             if line.startswith("elas-train: error: no progress for")}
-    assert set(lines) == {"0", "1"}, result.stderr[-3000:]
+    lines = _hang_lines_of_both_ranks(result)
     for line in lines.values():
         assert "(parallel.io_timeout_s=6)" in line
         assert "stuck rank(s) [1] -- rank 1: step 4 'checkpoint save'" in line and "not in a collective" in line
