@@ -20,11 +20,11 @@ from types import FrameType
 import torch
 import torch.distributed as dist
 
+from elas_megatron.utils.interrupts import DEFAULT_SIGNALS
+
 __all__ = ["DEFAULT_SIGNALS", "StopSignal"]
 
 logger = logging.getLogger(__name__)
-
-DEFAULT_SIGNALS = ("SIGTERM", "SIGUSR1")
 
 
 class StopSignal:
