@@ -86,7 +86,8 @@ def wait_steps(slurm: SlurmCluster, job: int, run_dir: Path, count: int) -> None
     deadline = time.monotonic() + JOB_TIMEOUT_S
     while logged_steps(run_dir) < count:
         state = slurm.job(job).get("JobState")
-        assert state in ("RUNNING", "PENDING", "CONFIGURING"), f"job {job} is {state}: {output(run_dir, job)}"
+        assert state in ("RUNNING", "PENDING", "CONFIGURING", "SIGNALING"), \
+            f"job {job} is {state}: {output(run_dir, job)}"
         assert time.monotonic() < deadline, f"job {job}: {logged_steps(run_dir)} < {count} steps"
         time.sleep(0.2)
 
@@ -99,7 +100,7 @@ def wait_requeued(slurm: SlurmCluster, job: int, restarts: int, *fields: str) ->
         info = slurm.job(job)
         if info.get("JobState") == "PENDING" and info.get("Restarts") == str(restarts):
             break
-        assert info.get("JobState") in ("RUNNING", "COMPLETING", "REQUEUED", "PENDING"), \
+        assert info.get("JobState") in ("RUNNING", "SIGNALING", "COMPLETING", "REQUEUED", "PENDING"), \
             f"job {job}: {info}\n{output(slurm_run_dir(info), job)}"
         assert time.monotonic() < deadline, f"job {job} not requeued: {info}"
         time.sleep(0.2)
