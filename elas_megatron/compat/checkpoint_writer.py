@@ -1,5 +1,5 @@
 # SPDX-License-Identifier: Apache-2.0
-"""Keep megatron-core's checkpoint-writer helper process alive through the stop signals (SIGTERM, SIGUSR1).
+"""The queue through which megatron-core's checkpoint writers report their results, chosen per save.
 
 ``dist_checkpointing``'s ``FileSystemWriterAsync`` collects the results of every save through a queue served by a
 ``multiprocessing.Manager`` that it spawns at the first save and keeps for the life of the process
@@ -10,22 +10,34 @@ checkpoint, which then fails (EOFError on the dead queue). When the signal came 
 and the other waited in megatron's barrier for ever: a SLURM time-limit warning hung the job (seen in
 tests/cluster/test_slurm.py; the signals tests send the signal to the worker alone, which spares the helper).
 
-:func:`start_writer_queue` starts that Manager itself before the first save, ignoring the stop signals (its
-parent shuts it down at exit; it is SIGKILLed when its parent dies), and gives its queue to megatron-core.
+:func:`start_writer_queue` starts that Manager itself before the first asynchronous save, ignoring the stop
+signals (its parent shuts it down at exit; it is SIGKILLed when its parent dies), and gives its queue to
+megatron-core.
+
+A synchronous save needs no helper process at all: megatron-core runs its writer function in the training process,
+which both puts the results and reads them back, so :func:`use_write_results_queue` gives it an in-process
+``queue.Queue``. That also keeps the Manager off the path of every synchronous save: each writer process that
+megatron-core forks would otherwise connect to it twice (multiprocessing's after-fork ``incref`` and the
+``decref`` at exit), and the Manager authenticates connections one at a time in a single thread, so one stalled
+connection stalls every later writer. A 2-rank synchronous save hung that way in a SLURM test: rank 1's forked
+writer never opened its file and the job waited for ever.
 """
 from __future__ import annotations
 
 import ctypes
 import multiprocessing as mp
 import os
+import queue
 import signal
 from multiprocessing.managers import SyncManager
 
-__all__ = ["start_writer_queue"]
+__all__ = ["start_writer_queue", "use_write_results_queue"]
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 _manager: SyncManager | None = None
+_manager_queue = None  # the Manager's queue proxy
+_in_process: queue.Queue | None = None
 
 
 def _ignore_stop_signals(parent_pid: int) -> None:
@@ -43,24 +55,42 @@ def _ignore_stop_signals(parent_pid: int) -> None:
 
 
 def start_writer_queue() -> bool:
-    """Create megatron-core's write-results queue in a Manager that ignores SIGTERM/SIGUSR1; idempotent.
+    """Give megatron-core the write-results queue of a Manager that ignores SIGTERM/SIGUSR1, started on the first
+    call.
 
     Returns:
-        True if this call created it; False if it existed already or this megatron-core has no such queue.
+        True if this call started the Manager; False if it ran already or this megatron-core has no such queue.
     """
-    global _manager
+    global _manager, _manager_queue
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
-    if getattr(filesystem_async, "_results_queue", "absent") is not None:
+    if not hasattr(filesystem_async, "_results_queue"):
         return False
-    manager = SyncManager(ctx=mp.get_context("spawn"))
-    # NOTE: a signal arriving while the helper interpreter starts would kill it before the initializer runs:
-    # keep the signals blocked meanwhile (the child inherits the mask); ours are delivered after the unblock.
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
-    try:
-        manager.start(initializer=_ignore_stop_signals, initargs=(os.getpid(),))
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
-    filesystem_async._results_queue = manager.Queue()
-    _manager = manager
-    return True
+    started = _manager is None
+    if started:
+        manager = SyncManager(ctx=mp.get_context("spawn"))
+        # NOTE: a signal arriving while the helper interpreter starts would kill it before the initializer runs:
+        # keep the signals blocked meanwhile (the child inherits the mask); ours are delivered after the unblock.
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        try:
+            manager.start(initializer=_ignore_stop_signals, initargs=(os.getpid(),))
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        _manager, _manager_queue = manager, manager.Queue()
+    filesystem_async._results_queue = _manager_queue
+    return started
+
+
+def use_write_results_queue(async_save: bool) -> None:
+    """Before a save: the queue megatron-core's writers report to. An asynchronous save writes in a forked process
+    and needs the Manager's queue (:func:`start_writer_queue`); a synchronous one gets an in-process queue."""
+    global _in_process
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if async_save:
+        start_writer_queue()
+        return
+    if hasattr(filesystem_async, "_results_queue"):
+        if _in_process is None:
+            _in_process = queue.Queue()
+        filesystem_async._results_queue = _in_process

@@ -57,7 +57,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.api import CheckpointException
 
-from elas_megatron.compat.checkpoint_writer import start_writer_queue
+from elas_megatron.compat.checkpoint_writer import use_write_results_queue
 from elas_megatron.compat.upstream_warnings import dist_checkpoint_load_warnings_ignored
 from elas_megatron.parallel.setup import rank_errors
 from elas_megatron.training.checkpoint_trust import (read_json, resolve_latest, verify_manifest, vet_checkpoint,
@@ -288,7 +288,7 @@ class CheckpointManager:
                 error = f"{type(exc).__name__}: {exc}"
         _agree(error, what)
         error, request = None, None
-        start_writer_queue()  # before the first save: megatron's own helper would die of SIGTERM/SIGUSR1
+        use_write_results_queue(self.async_save)  # megatron's own helper would die of SIGTERM/SIGUSR1
         try:
             request = dist_checkpointing.save(sharded_state_dict, str(tmp), async_sharded_save=self.async_save)
             if write_local is not None:

@@ -1,5 +1,5 @@
 """megatron-core's checkpoint-writer helper survives the stop signals torchrun forwards to the process group, and
-dies with its parent."""
+dies with its parent; synchronous saves do without it."""
 from __future__ import annotations
 
 import os
@@ -15,8 +15,9 @@ from elas_megatron.compat import checkpoint_writer
 
 
 def test_the_write_results_queue_outlives_sigterm_and_sigusr1():
-    saved = filesystem_async._results_queue
-    filesystem_async._results_queue = None
+    # a fresh helper, whatever an earlier asynchronous save in this process started (restored at the end)
+    saved = filesystem_async._results_queue, checkpoint_writer._manager, checkpoint_writer._manager_queue
+    filesystem_async._results_queue = checkpoint_writer._manager = checkpoint_writer._manager_queue = None
     try:
         assert checkpoint_writer.start_writer_queue() is True
         assert checkpoint_writer.start_writer_queue() is False       # idempotent
@@ -29,7 +30,20 @@ def test_the_write_results_queue_outlives_sigterm_and_sigusr1():
     finally:
         if checkpoint_writer._manager is not None:
             checkpoint_writer._manager.shutdown()
-            checkpoint_writer._manager = None
+        filesystem_async._results_queue, checkpoint_writer._manager, checkpoint_writer._manager_queue = saved
+
+
+def test_a_synchronous_save_uses_an_in_process_queue_and_starts_no_helper():
+    saved = filesystem_async._results_queue
+    try:
+        helper = checkpoint_writer._manager
+        checkpoint_writer.use_write_results_queue(async_save=False)
+        assert checkpoint_writer._manager is helper                 # none started for forked writers to dial
+        queue = filesystem_async._get_write_results_queue()
+        assert queue is checkpoint_writer._in_process
+        queue.put("written")                                        # megatron: put and get_nowait, one process
+        assert queue.get_nowait() == "written"
+    finally:
         filesystem_async._results_queue = saved
 
 
