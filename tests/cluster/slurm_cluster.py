@@ -20,7 +20,7 @@ from pathlib import Path
 DAEMONS = ("munged", "slurmctld", "slurmd")
 CLIENTS = ("sbatch", "scontrol", "squeue", "scancel", "srun")
 ENABLE_HINT = ("install SLURM to run them: apt-get install -y slurmctld slurmd slurm-client munge "
-               "(as root; ELAS_CI_SLURM=1 .ci/run does it)")
+               "(as root; .ci/run does it)")
 MARKER_ENV = "ELAS_TEST_SLURM"
 
 # Time limits: the controller checks them (and sends --signal warnings) every 30 s, with the warning up to 30 s
