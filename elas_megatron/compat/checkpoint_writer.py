@@ -19,8 +19,8 @@ which both puts the results and reads them back, so :func:`use_write_results_que
 ``queue.Queue``. That also keeps the Manager off the path of every synchronous save: each writer process that
 megatron-core forks would otherwise connect to it twice (multiprocessing's after-fork ``incref`` and the
 ``decref`` at exit), and the Manager authenticates connections one at a time in a single thread, so one stalled
-connection stalls every later writer. A 2-rank synchronous save hung that way in a SLURM test: rank 1's forked
-writer never opened its file and the job waited for ever.
+connection stalls every later writer. A 2-rank synchronous save once hung in the SLURM chain test with rank 1's
+forked writer never opening its file, which a writer blocked on that connection explains (no stack was taken).
 """
 from __future__ import annotations
 
