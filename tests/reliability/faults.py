@@ -153,7 +153,7 @@ class FaultInjector(Callback):
 SLOW_START_ENV = "ELAS_TEST_SLOW_START"
 
 
-def slow_startup(phase: str, marker: str, seconds: float = 120.0) -> None:
+def slow_startup(phase: str, marker: str, seconds: float = 900.0) -> None:
     """Stall start-up for ``seconds`` (interruptible: a plain ``time.sleep``), creating the file ``marker`` when
     the stall begins (``marker.RANK``), in ``phase``:
 

@@ -41,7 +41,7 @@ import os, sys, time
 from elas_megatron.config.schema import ParallelConfig
 from elas_megatron.parallel.setup import initialize_parallel
 if os.environ["RANK"] == "1":
-    time.sleep(120)
+    time.sleep(900)  # longer than any start-up of rank 0 on starved cores (torchrun ends it once rank 0 failed)
 try:
     initialize_parallel(ParallelConfig(distributed_timeout_s=3), seed=0, device="cpu")
 except RuntimeError as exc:
@@ -55,7 +55,7 @@ def test_initialisation_timeout_names_the_rank_that_never_joined(tmp_path):
     script = tmp_path / "init.py"
     script.write_text(INIT_SCRIPT)
     cmd = TORCHRUN + ["--nproc-per-node", "2", str(script)]
-    err = run(cmd, tmp_path / "init", timeout_s=90).stderr
+    err = run(cmd, tmp_path / "init", timeout_s=600).stderr
     assert ("rank 0: distributed initialisation failed on global rank 0 of 2 after waiting up to "
             "parallel.distributed_timeout_s=3: rank(s) [1] never joined") in err, err[-3000:]
 
@@ -84,7 +84,7 @@ def test_the_watchdog_times_one_process_too(tmp_path, stall):
     index build), is ended by its own watchdog naming itself and the phase."""
     env = {SLOW_START_ENV: f"datasets:{tmp_path / 'stalled'}"} if stall == "startup" else None
     result = launch(tmp_path / "run", "train.steps=3", "checkpoint.every=2", "parallel.io_timeout_s=4", nproc=1,
-                    faults="hang_in_save@2" if stall == "save" else None, env=env, script=FAULT_TRAIN, timeout_s=120)
+                    faults="hang_in_save@2" if stall == "save" else None, env=env, script=FAULT_TRAIN, timeout_s=600)
     assert result.returncode == EXIT_HANG, result.stderr[-3000:]
     phase = "step 2 'checkpoint save'" if stall == "save" else "step 0 'start-up: building the datasets'"
     lines = [line for line in result.stderr.splitlines() if line.startswith("elas-train:")]
