@@ -15,8 +15,8 @@ signals (its parent shuts it down at exit; it is SIGKILLed when its parent dies)
 megatron-core.
 
 A synchronous save needs no helper process at all: megatron-core runs its writer function in the training process,
-which both puts the results and reads them back, so :func:`use_write_results_queue` gives it an in-process
-``queue.Queue``. That also keeps the Manager off the path of every synchronous save: each writer process that
+which both puts the results and reads them back, so :func:`use_write_results_queue` gives it a new in-process
+``queue.Queue`` per save (a save that failed between the two cannot leave a result for the next one to read). That also keeps the Manager off the path of every synchronous save: each writer process that
 megatron-core forks would otherwise connect to it twice (multiprocessing's after-fork ``incref`` and the
 ``decref`` at exit), and the Manager authenticates connections one at a time in a single thread, so one stalled
 connection stalls every later writer. A 2-rank synchronous save once hung in the SLURM chain test with rank 1's
@@ -37,7 +37,6 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 _manager: SyncManager | None = None
 _manager_queue = None  # the Manager's queue proxy
-_in_process: queue.Queue | None = None
 
 
 def _ignore_stop_signals(parent_pid: int) -> None:
@@ -83,14 +82,10 @@ def start_writer_queue() -> bool:
 
 def use_write_results_queue(async_save: bool) -> None:
     """Before a save: the queue megatron-core's writers report to. An asynchronous save writes in a forked process
-    and needs the Manager's queue (:func:`start_writer_queue`); a synchronous one gets an in-process queue."""
-    global _in_process
+    and needs the Manager's queue (:func:`start_writer_queue`); a synchronous one gets a new in-process queue."""
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
     if async_save:
         start_writer_queue()
-        return
-    if hasattr(filesystem_async, "_results_queue"):
-        if _in_process is None:
-            _in_process = queue.Queue()
-        filesystem_async._results_queue = _in_process
+    elif hasattr(filesystem_async, "_results_queue"):
+        filesystem_async._results_queue = queue.Queue()

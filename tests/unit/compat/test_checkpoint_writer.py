@@ -3,6 +3,7 @@ dies with its parent; synchronous saves do without it."""
 from __future__ import annotations
 
 import os
+import queue as stdlib_queue
 import signal
 import subprocess
 import sys
@@ -40,9 +41,11 @@ def test_a_synchronous_save_uses_an_in_process_queue_and_starts_no_helper():
         checkpoint_writer.use_write_results_queue(async_save=False)
         assert checkpoint_writer._manager is helper                 # none started for forked writers to dial
         queue = filesystem_async._get_write_results_queue()
-        assert queue is checkpoint_writer._in_process
+        assert type(queue) is stdlib_queue.Queue                    # in-process, not a Manager proxy
         queue.put("written")                                        # megatron: put and get_nowait, one process
         assert queue.get_nowait() == "written"
+        checkpoint_writer.use_write_results_queue(async_save=False)
+        assert filesystem_async._get_write_results_queue() is not queue  # a new one per save: nothing stale
     finally:
         filesystem_async._results_queue = saved
 
