@@ -99,7 +99,9 @@ def main(argv: list[str] | None = None, callbacks=()) -> int:
     configs = [a for a in args.args if "=" not in a]
     overrides = [a for a in args.args if "=" in a]
     from elas_megatron.utils.interrupts import Interrupted, StartupSignals, exit_code
+    from elas_megatron.utils.lifetime import forked_children_die_with_this_process
 
+    forked_children_die_with_this_process()  # checkpoint writers, DataLoader workers: none outlives a killed rank
     # SIGTERM/SIGUSR1 from here on: one line and exit code 128 + N (utils/interrupts.py), never a traceback
     startup = StartupSignals().__enter__()
     try:

@@ -16,25 +16,25 @@ megatron-core.
 
 A synchronous save needs no helper process at all: megatron-core runs its writer function in the training process,
 which both puts the results and reads them back, so :func:`use_write_results_queue` gives it a new in-process
-``queue.Queue`` per save (a save that failed between the two cannot leave a result for the next one to read). That also keeps the Manager off the path of every synchronous save: each writer process that
-megatron-core forks would otherwise connect to it twice (multiprocessing's after-fork ``incref`` and the
-``decref`` at exit), and the Manager authenticates connections one at a time in a single thread, so one stalled
-connection stalls every later writer. A 2-rank synchronous save once hung in the SLURM chain test with rank 1's
-forked writer never opening its file, which a writer blocked on that connection explains (no stack was taken).
+``queue.Queue`` per save (a save that failed between the two cannot leave a result for the next one to read). That
+also keeps the Manager off the path of every synchronous save: each writer process that megatron-core forks would
+otherwise connect to it twice (multiprocessing's after-fork ``incref`` and the ``decref`` at exit), and the Manager
+authenticates connections one at a time in a single thread, so one stalled connection would stall every later
+writer.
 """
 from __future__ import annotations
 
-import ctypes
 import multiprocessing as mp
 import os
 import queue
 import signal
 from multiprocessing.managers import SyncManager
 
+from elas_megatron.utils.lifetime import die_with_parent
+
 __all__ = ["start_writer_queue", "use_write_results_queue"]
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-PR_SET_PDEATHSIG = 1  # linux/prctl.h
 _manager: SyncManager | None = None
 _manager_queue = None  # the Manager's queue proxy
 
@@ -45,12 +45,7 @@ def _ignore_stop_signals(parent_pid: int) -> None:
     signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # blocked by the parent until now (see below)
     # No longer ended by SIGTERM, it must end with its parent: a rank killed by SIGKILL (or OOM) would leave it
     # running, holding the job's output open (slurmstepd then waits 60 s for it).
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL))
-    except (OSError, AttributeError):  # not Linux
-        pass
-    if os.getppid() != parent_pid:  # the parent died before prctl
-        os._exit(0)
+    die_with_parent(parent_pid)
 
 
 def start_writer_queue() -> bool:
