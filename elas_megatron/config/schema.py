@@ -149,11 +149,12 @@ class ParallelConfig:
     """Activation checkpointing: none; full = whole transformer layers; selective = megatron's core-attention
     recompute; ffn = only the FFN (the largest activations of cola/elas)."""
     distributed_timeout_s: int = 600
-    """Seconds a rank may wait for the others: process-group initialisation, collectives, and the watchdog that
-    stops the run naming the stuck rank(s) when a rank makes no progress this long in a training step."""
+    """Seconds a rank may wait for the others in a collective, and the watchdog's limit that stops the run naming
+    the stuck rank(s) when a rank makes no progress this long in a training step."""
     io_timeout_s: int = 3600
-    """The watchdog's limit for the long one-off phases: start-up (run directory, model build, dataset index
-    build, checkpoint load) and checkpoint saves. A rank that stays this long in one of them is a hang."""
+    """The limit for the long one-off phases: start-up (waiting for every rank to start before distributed
+    initialisation, under torchrun; run directory, model build, dataset index build, checkpoint load) and
+    checkpoint saves. A rank that stays this long in one of them is a hang."""
     straggler_check_every: int = 50
     """Multi-process runs: every N steps the ranks compare their compute time per step (one all_gather of a
     float); rank 0 logs a warning naming the slowest rank(s) when one is > 1.2x the median. 0 = off."""

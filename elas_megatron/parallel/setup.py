@@ -4,11 +4,13 @@ Reads the usual torchrun environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/
 is a world of one. NCCL on CUDA, gloo on CPU (with the :mod:`elas_megatron.compat.cpu` workarounds).
 Megatron-Core's ``parallel_state`` is the one piece of global state we keep, because Megatron requires it.
 
-Timeouts: ``parallel.distributed_timeout_s`` bounds process-group initialisation and every collective. Under
-torchrun each rank also holds a :class:`ProgressBoard` -- a client of the agent's key-value store, which lives
-outside the workers -- where it checks in before initialisation (so a timed-out initialisation names the ranks
-that never joined; torch only says which store keys it waited for) and where the training watchdog
-(:class:`elas_megatron.training.watchdog.Watchdog`) later posts its progress.
+Timeouts: ``parallel.distributed_timeout_s`` bounds every collective. Under torchrun each rank also holds a
+:class:`ProgressBoard` -- a client of the agent's key-value store, which lives outside the workers -- where it
+checks in and waits for every rank before initialisation, for up to ``parallel.io_timeout_s``, the start-up limit:
+ranks start at different times (imports from a shared file system, a busy node), and a short collective timeout,
+chosen to catch hangs in training, must not fail a slow start. A rank that never checks in is named (torch alone
+only says which store keys it waited for). The training watchdog
+(:class:`elas_megatron.training.watchdog.Watchdog`) later posts its progress there.
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import gc
 import logging
 import os
 import socket
+import time
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -99,6 +102,24 @@ class ProgressBoard:
     def post(self, value: str) -> None:
         self.store.set(self._key(self.global_rank), value)
 
+    def check_in_and_wait(self, timeout_s: float) -> list[int]:
+        """Check in, then wait until every rank has, for up to ``timeout_s``; the ranks still missing then.
+
+        One counter and one key per job (the last rank in sets it), waited for in 1 s slices: a stop signal
+        during the wait is handled between them (utils/interrupts.py), not after the whole timeout."""
+        self.post("")
+        everyone = f"{self.prefix}/all_checked_in"
+        if self.store.add(f"{self.prefix}/checked_in", 1) >= self.world_size:
+            self.store.set(everyone, "1")
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                self.store.wait([everyone], timedelta(seconds=max(0.05, min(1.0, deadline - time.monotonic()))))
+                return []
+            except RuntimeError:  # DistStoreError: this slice timed out
+                if time.monotonic() >= deadline:
+                    return self.missing()
+
     def read_all(self) -> dict[int, str | None]:
         """Every rank's last post ("" for a rank that only checked in), None for ranks never seen."""
         out: dict[int, str | None] = {}
@@ -126,21 +147,18 @@ class ProgressBoard:
         return self.store.add(f"{self.prefix}/hang_acks", 0)
 
 
-def _init_process_group(dev: torch.device, timeout_s: int, board: ProgressBoard | None, **kwargs) -> None:
+def _init_process_group(dev: torch.device, parallel: ParallelConfig, board: ProgressBoard | None, **kwargs) -> None:
     if board is not None:
-        board.post("")  # checked in
-    try:
-        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo", timeout=timedelta(seconds=timeout_s),
-                                device_id=dev if dev.type == "cuda" else None, **kwargs)
-    except RuntimeError as exc:  # DistStoreError / gloo / NCCL connection errors
-        missing = board.missing() if board is not None else []
-        if not missing:
-            raise
-        raise RuntimeError(
-            f"distributed initialisation failed on global rank {board.global_rank} of {board.world_size} after "
-            f"waiting up to parallel.distributed_timeout_s={timeout_s}: rank(s) {missing} never joined (check that "
-            f"their processes started and can reach MASTER_ADDR={os.environ.get('MASTER_ADDR')}); torch: {exc}"
-        ) from None
+        missing = board.check_in_and_wait(parallel.io_timeout_s)
+        if missing:
+            raise RuntimeError(
+                f"distributed initialisation failed on global rank {board.global_rank} of {board.world_size} after "
+                f"waiting up to parallel.io_timeout_s={parallel.io_timeout_s} (the start-up limit): rank(s) "
+                f"{missing} never joined (check that their processes started and can reach "
+                f"MASTER_ADDR={os.environ.get('MASTER_ADDR')})")
+    dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo",
+                            timeout=timedelta(seconds=parallel.distributed_timeout_s),
+                            device_id=dev if dev.type == "cuda" else None, **kwargs)
 
 
 def _free_port() -> int:
@@ -167,7 +185,7 @@ def initialize_parallel(parallel: ParallelConfig, *, seed: int, device: str = "a
             kwargs = dict(init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
         else:
             board = ProgressBoard.connect(parallel.distributed_timeout_s)
-        _init_process_group(dev, parallel.distributed_timeout_s, board, **kwargs)
+        _init_process_group(dev, parallel, board, **kwargs)
     elif dist.get_world_size() > 1:
         board = ProgressBoard.connect(parallel.distributed_timeout_s)
     world = dist.get_world_size()

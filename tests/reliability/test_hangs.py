@@ -40,13 +40,15 @@ INIT_SCRIPT = """
 import os, sys, time
 from elas_megatron.config.schema import ParallelConfig
 from elas_megatron.parallel.setup import initialize_parallel
+late_s, io_timeout_s = float(sys.argv[1]), int(sys.argv[2])
 if os.environ["RANK"] == "1":
-    time.sleep(900)  # longer than any start-up of rank 0 on starved cores (torchrun ends it once rank 0 failed)
+    time.sleep(late_s)
 try:
-    initialize_parallel(ParallelConfig(distributed_timeout_s=3), seed=0, device="cpu")
+    initialize_parallel(ParallelConfig(distributed_timeout_s=2, io_timeout_s=io_timeout_s), seed=0, device="cpu")
 except RuntimeError as exc:
     print(f"rank {os.environ['RANK']}: {exc}", file=sys.stderr, flush=True)
     sys.exit(3)
+print(f"rank {os.environ['RANK']}: initialised", flush=True)
 """
 
 
@@ -54,10 +56,22 @@ except RuntimeError as exc:
 def test_initialisation_timeout_names_the_rank_that_never_joined(tmp_path):
     script = tmp_path / "init.py"
     script.write_text(INIT_SCRIPT)
-    cmd = TORCHRUN + ["--nproc-per-node", "2", str(script)]
+    # rank 1 sleeps longer than any start-up of rank 0 on starved cores (torchrun ends it once rank 0 failed)
+    cmd = TORCHRUN + ["--nproc-per-node", "2", str(script), "900", "3"]
     err = run(cmd, tmp_path / "init", timeout_s=600).stderr
     assert ("rank 0: distributed initialisation failed on global rank 0 of 2 after waiting up to "
-            "parallel.distributed_timeout_s=3: rank(s) [1] never joined") in err, err[-3000:]
+            "parallel.io_timeout_s=3 (the start-up limit): rank(s) [1] never joined") in err, err[-3000:]
+
+
+@pytest.mark.distributed
+def test_a_rank_that_starts_late_is_waited_for_past_the_collective_timeout(tmp_path):
+    """Initialisation is start-up: bounded by parallel.io_timeout_s, not by the (short) collective timeout."""
+    script = tmp_path / "init.py"
+    script.write_text(INIT_SCRIPT)
+    cmd = TORCHRUN + ["--nproc-per-node", "2", str(script), "6", "600"]  # 6 s late; collectives: 2 s
+    result = run(cmd, tmp_path / "init", timeout_s=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "rank 0: initialised" in result.stdout and "rank 1: initialised" in result.stdout
 
 
 @pytest.mark.distributed
