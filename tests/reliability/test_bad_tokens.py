@@ -114,7 +114,7 @@ def test_elas_train_prints_one_line_and_exits_2(tmp_path, demo_copy, nproc):
     sample = 17 if nproc == 1 else 21
     file, document, token = _corrupt(train, sample, 0, 60000)
     result = launch(tmp_path / "run", *run_args, f"data.train_prefixes=[{demo_copy}]", "checkpoint.every=0",
-                    "checkpoint.save_final=false", "train.eval_iters=1", nproc=nproc, timeout_s=120)
+                    "checkpoint.save_final=false", "train.eval_iters=1", nproc=nproc, timeout_s=600)
     lines = [line for line in result.stderr.splitlines() if line.startswith("elas-train:")]
     if nproc == 1:
         assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]

@@ -1,11 +1,9 @@
 """Collective hangs: with parallel.distributed_timeout_s, a rank that stops (here: sleeps) makes every rank exit
-with a message naming it, during training (watchdog) and during distributed initialisation -- where gloo alone
-says only "Timed out waiting 3000ms for recv operation" or lists store keys. Checkpoint saves and start-up are
-timed too (parallel.io_timeout_s), also in a single process. (The watchdog's own rules:
-tests/unit/training/test_watchdog.py.)"""
+with a message naming it during training (watchdog), and with parallel.io_timeout_s during distributed
+initialisation -- where gloo alone says only "Timed out waiting 3000ms for recv operation" or lists store keys.
+Checkpoint saves and start-up are timed with parallel.io_timeout_s too, also in a single process. (The
+watchdog's own rules: tests/unit/training/test_watchdog.py.)"""
 from __future__ import annotations
-
-import time
 
 import pytest
 from faults import SLOW_START_ENV
@@ -25,10 +23,10 @@ def _hang_lines_of_both_ranks(result) -> dict[str, str]:
 
 @pytest.mark.distributed
 def test_a_stuck_rank_is_named_by_every_rank(tmp_path):
-    start = time.monotonic()
+    # no wall-clock bound: start-up beside busy cores takes minutes; the lines below prove who ended the run
     result = launch(tmp_path / "run", "train.steps=6", "checkpoint.save_final=false",
-                    "parallel.distributed_timeout_s=8", faults="hang@3:rank=1", timeout_s=120)
-    assert result.returncode != 0 and time.monotonic() - start < 90
+                    "parallel.distributed_timeout_s=8", faults="hang@3:rank=1", timeout_s=600)
+    assert result.returncode != 0
     lines = _hang_lines_of_both_ranks(result)
     for line in lines.values():
         assert "parallel.distributed_timeout_s=8" in line
@@ -79,11 +77,10 @@ def test_a_stall_in_a_checkpoint_save_on_one_rank_is_named(tmp_path):
     """Rank 1 stalls at the start of the save of step 4 (a dead file system); rank 0 waits for it in the save's
     first collective. Saves are timed with parallel.io_timeout_s (longer than the collectives' limit in real runs;
     here shorter, so that the watchdog, not gloo, ends the job)."""
-    start = time.monotonic()
     result = launch(tmp_path / "run", "train.steps=6", "checkpoint.every=4", "checkpoint.save_final=false",
                     "parallel.io_timeout_s=6", "parallel.distributed_timeout_s=120", faults="hang_in_save@4:rank=1",
-                    timeout_s=150)
-    assert result.returncode != 0 and time.monotonic() - start < 120
+                    timeout_s=600)
+    assert result.returncode != 0  # ended by the watchdog at 6 s, not at the collectives' 120 s: the lines say so
     lines = _hang_lines_of_both_ranks(result)
     for line in lines.values():
         assert "(parallel.io_timeout_s=6)" in line

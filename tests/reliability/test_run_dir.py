@@ -24,7 +24,7 @@ def test_a_second_job_on_the_run_dir_stops_at_start_up_naming_the_holder(tmp_pat
     run = tmp_path / "run"
     lock = RunDirLock.acquire(run)  # the first job
     try:
-        second = launch(run, "train.steps=2", nproc=2, timeout_s=180)
+        second = launch(run, "train.steps=2", nproc=2, timeout_s=600)
     finally:
         lock.release()
     assert second.returncode != 0

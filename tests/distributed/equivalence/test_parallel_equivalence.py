@@ -60,10 +60,10 @@ def results(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("parallel_equivalence")
     ckpt = out / "checkpoints"
     ckpt.mkdir()
-    _run(["world2", str(out / "world2.json"), "--checkpoints", str(ckpt)], nproc=2, timeout_s=420,
+    _run(["world2", str(out / "world2.json"), "--checkpoints", str(ckpt)], nproc=2, timeout_s=900,
          TRITON_INTERPRET="1")  # for the model.rope_backend=triton cases
-    _run(["world4", str(out / "world4.json")], nproc=4, timeout_s=300)
-    _run(["reference", str(out / "reference.json"), "--checkpoints", str(ckpt)], nproc=None, timeout_s=180)
+    _run(["world4", str(out / "world4.json")], nproc=4, timeout_s=900)
+    _run(["reference", str(out / "reference.json"), "--checkpoints", str(ckpt)], nproc=None, timeout_s=600)
     merged: dict = {}
     for name in ("world2", "world4", "reference"):
         merged.update(json.loads((out / f"{name}.json").read_text()))
