@@ -217,7 +217,7 @@ def test_torchrun_ranks_build_the_same_datasets(prefixes, tmp_path):
                              "127.0.0.1", "--master-port", str(port), str(script)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
     try:
-        stdout, stderr = proc.communicate(timeout=300)
+        stdout, stderr = proc.communicate(timeout=600)  # failure path only; 220 s beside two CPU hogs
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both ranks: a hang must not outlive the test
         stdout, stderr = proc.communicate()
