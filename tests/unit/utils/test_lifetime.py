@@ -11,9 +11,9 @@ import pytest
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="parent-death signals are Linux-only")
 
-# The parent forks a child that sleeps, prints the child's pid and SIGKILLs itself. WAIT_IN_JOIN: the way a rank dies
-# during a megatron-core checkpoint save: the child is a writer that calls task_done() after the parent was killed
-# in JoinableQueue.join() (without the hook, it blocks in Condition.notify_all for ever).
+# The way a rank dies during a megatron-core checkpoint save: the parent forks a writer, prints its pid, waits in
+# JoinableQueue.join() and is SIGKILLed there; the writer then calls task_done() (without the hook it blocks in
+# Condition.notify_all for ever, waiting for the dead parent).
 PARENT = """
 import multiprocessing as mp, os, signal, sys, threading, time
 from elas_megatron.utils.lifetime import forked_children_die_with_this_process
