@@ -37,6 +37,9 @@ def test_variant_builds_runs_forward_and_backward(world, variant, model):
     assert all(p.dtype == torch.float32 and p.device.type == "cpu" for p in m.parameters())
 
 
+# megatron-core 0.16.1's own local spec builds its MLP without ffn_hidden_size and warns about itself; our specs
+# pass it (elas_megatron/layers/specs.py), so the warning is dropped for this reference model only
+@pytest.mark.filterwarnings("ignore:MLP requires ffn_hidden_size:DeprecationWarning")
 def test_dense_equals_megatrons_own_local_gpt(world):
     cfg = tiny_config("dense")
     ours = build_model(cfg, vocab_size=VOCAB)
