@@ -52,7 +52,8 @@ def test_two_node_pipeline_matches_one_process_and_its_checkpoint_exports(tmp_pa
          f"train.run_dir={two_node}"], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         start_new_session=True) for rank in range(2)]
     try:
-        outputs = [node.communicate(timeout=180)[0] for node in nodes]
+        # bounds a hang only: beside two CPU hogs a process in its own session took minutes just to start
+        outputs = [node.communicate(timeout=900)[0] for node in nodes]
     finally:
         for node in nodes:
             subprocs.kill_group(node)

@@ -31,7 +31,7 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
 
 
 def launch(run_dir: Path, *overrides: str, nproc: int = 2, faults: str | None = None, resume: bool = False,
-           timeout_s: int = 240, script: Path | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
+           timeout_s: int = 600, script: Path | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run ``elas-train configs/demo.yaml`` (under torchrun when ``nproc > 1``) and wait for it.
 
     ``faults``: injected by :class:`faults.FaultInjector` (``fault_train.py`` runs instead of elas-train).
