@@ -72,9 +72,10 @@ def submit(slurm: SlurmCluster, run_dir: Path, *sbatch_args: str, config: list[s
     """``launch/submit.sh --nodes=2 --gpus-per-node=0 SBATCH_ARGS -- CONFIG``; the job ids it printed."""
     env = dict(slurm.env, OMP_NUM_THREADS="1", PYTHON=sys.executable,
                PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    # 300 s bounds a hang only: submit.sh's dry run is a python process, which can take minutes to start beside CPU hogs
     out = subprocs.run(["launch/submit.sh", "--nodes=2", "--gpus-per-node=0", f"--output={run_dir}/slurm-%j.out",
                         *sbatch_args, "--", *config, f"train.run_dir={run_dir}"],
-                       cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     assert "world 2 = dp 2" in out.stdout
     return [int(j) for j in re.findall(r"^Submitted batch job (\d+)", out.stdout, re.MULTILINE)]
