@@ -153,8 +153,9 @@ class ParallelConfig:
     the stuck rank(s) when a rank makes no progress this long in a training step."""
     io_timeout_s: int = 3600
     """The limit for the long one-off phases: start-up (waiting for every rank to start before distributed
-    initialisation, under torchrun; run directory, model build, dataset index build, checkpoint load) and
-    checkpoint saves. A rank that stays this long in one of them is a hang."""
+    initialisation, under torchrun, for this or ``distributed_timeout_s``, whichever is longer; run directory,
+    model build, dataset index build, checkpoint load) and checkpoint saves. A rank that stays this long in one of
+    them is a hang."""
     straggler_check_every: int = 50
     """Multi-process runs: every N steps the ranks compare their compute time per step (one all_gather of a
     float); rank 0 logs a warning naming the slowest rank(s) when one is > 1.2x the median. 0 = off."""
