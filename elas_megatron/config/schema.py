@@ -152,10 +152,10 @@ class ParallelConfig:
     """Seconds a rank may wait for the others in a collective, and the watchdog's limit that stops the run naming
     the stuck rank(s) when a rank makes no progress this long in a training step."""
     io_timeout_s: int = 3600
-    """The limit for the long one-off phases: start-up (waiting for every rank to start before distributed
-    initialisation, under torchrun, for this or ``distributed_timeout_s``, whichever is longer; run directory,
-    model build, dataset index build, checkpoint load) and checkpoint saves. A rank that stays this long in one of
-    them is a hang."""
+    """The limit for checkpoint saves: a rank that stays this long in one is a hang. Start-up phases (waiting for
+    every rank to start, under torchrun; run directory, model build, dataset index build, checkpoint load) are
+    timed with this or ``distributed_timeout_s``, whichever is longer, so that neither, set short to catch a
+    stall quickly, fails a slow start."""
     straggler_check_every: int = 50
     """Multi-process runs: every N steps the ranks compare their compute time per step (one all_gather of a
     float); rank 0 logs a warning naming the slowest rank(s) when one is > 1.2x the median. 0 = off."""
@@ -176,6 +176,20 @@ class ParallelConfig:
         _check(self.distributed_timeout_s > 0, "parallel.distributed_timeout_s", self.distributed_timeout_s, "> 0")
         _check(self.io_timeout_s > 0, "parallel.io_timeout_s", self.io_timeout_s, "> 0")
         _check(self.straggler_check_every >= 0, "parallel.straggler_check_every", self.straggler_check_every, ">= 0")
+
+
+def start_up_limit(distributed_timeout_s: float, io_timeout_s: float) -> tuple[float, str]:
+    """(seconds, config key) of the start-up limit: the longer of the two (``io_timeout_s`` on a tie).
+
+    Why the longer: start-up is neither a collective step nor only I/O. Ranks start at different times and import
+    and build at the speed of a possibly busy node, so neither a short collective timeout nor a short I/O limit
+    (chosen to catch a stalled save quickly) may fail it. Ranks also wait for each other to start this long
+    (:mod:`elas_megatron.parallel.setup`), and the watchdog times start-up phases with it
+    (:mod:`elas_megatron.training.watchdog`).
+    """
+    if distributed_timeout_s > io_timeout_s:
+        return distributed_timeout_s, "parallel.distributed_timeout_s"
+    return io_timeout_s, "parallel.io_timeout_s"
 
 
 @dataclass(kw_only=True)

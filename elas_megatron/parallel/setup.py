@@ -6,11 +6,12 @@ Megatron-Core's ``parallel_state`` is the one piece of global state we keep, bec
 
 Timeouts: ``parallel.distributed_timeout_s`` bounds every collective. Under torchrun each rank also holds a
 :class:`ProgressBoard` -- a client of the agent's key-value store, which lives outside the workers -- where it
-checks in and waits for every rank before initialisation, for up to the longer of ``parallel.io_timeout_s`` (the
-start-up limit) and ``parallel.distributed_timeout_s``: ranks start at different times (imports from a shared file
-system, a busy node), and neither a short collective timeout, chosen to catch hangs in training, nor a short I/O
-limit, chosen to catch stalled saves, must fail a slow start. A rank that never checks in is named (torch alone
-only says which store keys it waited for). The training watchdog
+checks in and waits for every rank before initialisation, for up to the start-up limit
+(:func:`~elas_megatron.config.schema.start_up_limit`: the longer of ``parallel.io_timeout_s`` and
+``parallel.distributed_timeout_s``): ranks start at different times (imports from a shared file system, a busy
+node), and neither a short collective timeout, chosen to catch hangs in training, nor a short I/O limit, chosen to
+catch stalled saves, must fail a slow start. A rank that never checks in is named (torch alone only says which
+store keys it waited for). The training watchdog
 (:class:`elas_megatron.training.watchdog.Watchdog`) later posts its progress there.
 """
 from __future__ import annotations
@@ -27,7 +28,7 @@ import torch
 import torch.distributed as dist
 
 from elas_megatron.compat.cpu import enable_cpu_megatron
-from elas_megatron.config.schema import ParallelConfig
+from elas_megatron.config.schema import ParallelConfig, start_up_limit
 
 logger = logging.getLogger(__name__)
 
@@ -148,21 +149,14 @@ class ProgressBoard:
         return self.store.add(f"{self.prefix}/hang_acks", 0)
 
 
-def _start_wait(parallel: ParallelConfig) -> tuple[int, str]:
-    """(seconds, config key) that ranks wait for each other to start: the longer limit (io on a tie)."""
-    if parallel.distributed_timeout_s > parallel.io_timeout_s:
-        return parallel.distributed_timeout_s, "parallel.distributed_timeout_s"
-    return parallel.io_timeout_s, "parallel.io_timeout_s"
-
-
 def _init_process_group(dev: torch.device, parallel: ParallelConfig, board: ProgressBoard | None, **kwargs) -> None:
     if board is not None:
-        limit_s, key = _start_wait(parallel)
+        limit_s, key = start_up_limit(parallel.distributed_timeout_s, parallel.io_timeout_s)
         missing = board.check_in_and_wait(limit_s)
         if missing:
             raise RuntimeError(
                 f"distributed initialisation failed on global rank {board.global_rank} of {board.world_size} after "
-                f"waiting up to {key}={limit_s} (the longer of the start-up and collective limits): rank(s) "
+                f"waiting up to {key}={limit_s} (the start-up limit: the longer of the I/O and collective limits): rank(s) "
                 f"{missing} never joined (check that their processes started and can reach "
                 f"MASTER_ADDR={os.environ.get('MASTER_ADDR')})")
     dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo",

@@ -97,7 +97,7 @@ class Trainer:
                 self.watchdog.stop()
 
     def _starting(self, phase: str) -> None:
-        self.progress.update(0, f"start-up: {phase}", long=True)
+        self.progress.update(0, f"start-up: {phase}", limit="start-up")
 
     @contextmanager
     def _watched(self):
@@ -560,7 +560,7 @@ class Trainer:
                 "consumed_samples": self.step * self.cfg.train.global_batch, "layout": self._layout(),
                 "guard": self.guard.state_dict(), "rng_state": True}
         with self._watched():
-            self.progress.update(self.step, "checkpoint save", long=True)  # parallel.io_timeout_s
+            self.progress.update(self.step, "checkpoint save", limit="io")
             path = self.ckpt.save(self.step, self._sharded_state_dict(), meta,
                                   write_local=self.backend.save_optimizer)
             self.progress.update(self.step, "after checkpoint save")
@@ -573,7 +573,7 @@ class Trainer:
     def wait_for_checkpoint(self) -> None:
         """Block until a pending asynchronous save (``checkpoint.async_save``) is published; collective."""
         if self.ckpt.pending is not None:
-            self.progress.update(self.step, "checkpoint finalize", long=True)
+            self.progress.update(self.step, "checkpoint finalize", limit="io")
             self.ckpt.wait()
             self.progress.update(self.step, "after checkpoint finalize")
 

@@ -18,7 +18,9 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from typing import Self
+from typing import Literal, Self
+
+from elas_megatron.config.schema import start_up_limit
 
 __all__ = ["EXIT_HANG", "Progress", "Watchdog", "diagnose_hang"]
 
@@ -26,6 +28,11 @@ logger = logging.getLogger(__name__)
 
 EXIT_HANG = 124
 """Exit code of a process ended by the watchdog (as ``timeout(1)``)."""
+
+
+Limit = Literal["collective", "io", "start-up"]
+"""Which limit times a phase: ``distributed_timeout_s`` (training steps), ``io_timeout_s`` (checkpoint saves) or
+:func:`~elas_megatron.config.schema.start_up_limit` (start-up phases, checkpoint load included)."""
 
 
 class Progress:
@@ -36,12 +43,12 @@ class Progress:
         self.phase = "start"
         self.since = time.monotonic()
         self.watched = True
-        self.long = False
+        self.limit: Limit = "collective"
 
-    def update(self, step: int, phase: str, watched: bool = True, long: bool = False) -> None:
-        """``long=True`` for phases timed with the watchdog's longer ``io_timeout_s`` (start-up, checkpoint save
-        and load); ``watched=False`` for phases it must not time at all."""
-        self.step, self.phase, self.watched, self.long, self.since = step, phase, watched, long, time.monotonic()
+    def update(self, step: int, phase: str, watched: bool = True, limit: Limit = "collective") -> None:
+        """``limit``: which of the watchdog's limits times this phase (:data:`Limit`); ``watched=False`` for
+        phases it must not time at all."""
+        self.step, self.phase, self.watched, self.limit, self.since = step, phase, watched, limit, time.monotonic()
 
 
 def _main_thread_location() -> tuple[bool, str]:
@@ -101,8 +108,8 @@ class Watchdog:
     Args:
         progress: updated by the trainer (start-up phases, training steps, checkpoint save and load).
         timeout_s: ``parallel.distributed_timeout_s``: no progress for this long is a hang.
-        io_timeout_s: ``parallel.io_timeout_s``: the limit instead in phases marked ``long`` (default:
-            ``timeout_s``).
+        io_timeout_s: ``parallel.io_timeout_s``: the limit instead in checkpoint saves, and in start-up phases
+            when it is the longer (:func:`~elas_megatron.config.schema.start_up_limit`) (default: ``timeout_s``).
         board: the shared :class:`~elas_megatron.parallel.setup.ProgressBoard` (None: a one-rank diagnosis, e.g.
             a single process).
         global_rank: this process.
@@ -158,7 +165,9 @@ class Watchdog:
 
     def limit(self) -> tuple[float, str]:
         """(seconds, config key) of the limit for the phase the rank is in now."""
-        if self.progress.long:
+        if self.progress.limit == "start-up":
+            return start_up_limit(self.timeout_s, self.io_timeout_s)
+        if self.progress.limit == "io":
             return self.io_timeout_s, "parallel.io_timeout_s"
         return self.timeout_s, "parallel.distributed_timeout_s"
 

@@ -1,8 +1,8 @@
 """Collective hangs: with parallel.distributed_timeout_s, a rank that stops (here: sleeps) makes every rank exit
-with a message naming it during training (watchdog), and with parallel.io_timeout_s during distributed
+with a message naming it during training (watchdog), and with the start-up limit during distributed
 initialisation -- where gloo alone says only "Timed out waiting 3000ms for recv operation" or lists store keys.
-Checkpoint saves and start-up are timed with parallel.io_timeout_s too, also in a single process. (The
-watchdog's own rules: tests/unit/training/test_watchdog.py.)"""
+Checkpoint saves are timed with parallel.io_timeout_s, start-up with the longer of the two limits, also in a
+single process. (The watchdog's own rules: tests/unit/training/test_watchdog.py.)"""
 from __future__ import annotations
 
 import pytest
@@ -58,7 +58,8 @@ def test_initialisation_timeout_names_the_rank_that_never_joined(tmp_path):
     cmd = TORCHRUN + ["--nproc-per-node", "2", str(script), "900", "3"]
     err = run(cmd, tmp_path / "init", timeout_s=600).stderr
     assert ("rank 0: distributed initialisation failed on global rank 0 of 2 after waiting up to "
-            "parallel.io_timeout_s=3 (the longer of the start-up and collective limits): rank(s) [1] never joined"
+            "parallel.io_timeout_s=3 (the start-up limit: the longer of the I/O and collective limits): rank(s) [1] "
+            "never joined"
             ) in err, err[-3000:]
 
 
@@ -77,9 +78,8 @@ def test_a_rank_that_starts_late_is_waited_for_past_the_collective_timeout(tmp_p
 def test_a_stall_in_a_checkpoint_save_on_one_rank_is_named(tmp_path):
     """Rank 1 stalls at the start of the save of step 4 (a dead file system); rank 0 waits for it in the save's
     first collective. Saves are timed with parallel.io_timeout_s (longer than the collectives' limit in real runs;
-    here shorter, so that the watchdog, not gloo, ends the job). The ranks wait for each other to start for the
-    longer limit (120 s; one started over 20 s after the other beside two CPU hogs), but the start-up phases after
-    that are timed with io_timeout_s, so it cannot be much shorter: building the model took 6.5 s there."""
+    here shorter, so that the watchdog, not gloo, ends the job). Start-up is timed with the longer limit, 120 s:
+    beside two CPU hogs one rank started over 20 s after the other, and building the model took 6.5 s."""
     result = launch(tmp_path / "run", "train.steps=6", "checkpoint.every=4", "checkpoint.save_final=false",
                     "parallel.io_timeout_s=20", "parallel.distributed_timeout_s=120", faults="hang_in_save@4:rank=1",
                     timeout_s=600)
@@ -95,13 +95,19 @@ def test_a_stall_in_a_checkpoint_save_on_one_rank_is_named(tmp_path):
 @pytest.mark.parametrize("stall", ["save", "startup"])
 def test_the_watchdog_times_one_process_too(tmp_path, stall):
     """A single process (no torchrun store) that stalls in a checkpoint save, or in start-up (after the dataset
-    index build), is ended by its own watchdog naming itself and the phase. The limit, 8 s, times the start-up
-    phases before the stall too (about 1 s each beside two CPU hogs; one phase took 4x its usual time there)."""
-    env = {SLOW_START_ENV: f"datasets:{tmp_path / 'stalled'}"} if stall == "startup" else None
-    result = launch(tmp_path / "run", "train.steps=3", "checkpoint.every=2", "parallel.io_timeout_s=8", nproc=1,
-                    faults="hang_in_save@2" if stall == "save" else None, env=env, script=FAULT_TRAIN, timeout_s=600)
+    index build), is ended by its own watchdog naming itself and the phase. A save is timed with
+    parallel.io_timeout_s (8 s; start-up then gets the default 600-s collective limit); start-up with the longer of
+    the two limits, both 15 s here (a tie names the I/O limit), which also times the start-up phases before the
+    stall (about 1 s each beside two CPU hogs; one phase took 4x its usual time there)."""
+    if stall == "save":
+        limits, env, faults, key = ["parallel.io_timeout_s=8"], None, "hang_in_save@2", "parallel.io_timeout_s=8"
+    else:
+        limits = ["parallel.io_timeout_s=15", "parallel.distributed_timeout_s=15"]
+        env, faults, key = {SLOW_START_ENV: f"datasets:{tmp_path / 'stalled'}"}, None, "parallel.io_timeout_s=15"
+    result = launch(tmp_path / "run", "train.steps=3", "checkpoint.every=2", *limits, nproc=1, faults=faults,
+                    env=env, script=FAULT_TRAIN, timeout_s=600)
     assert result.returncode == EXIT_HANG, result.stderr[-3000:]
     phase = "step 2 'checkpoint save'" if stall == "save" else "step 0 'start-up: building the datasets'"
     lines = [line for line in result.stderr.splitlines() if line.startswith("elas-train:")]
     assert len(lines) == 1 and lines[0].startswith("elas-train: error: no progress for"), result.stderr[-3000:]
-    assert f"(parallel.io_timeout_s=8) on rank 0: stuck rank(s) [0] -- rank 0: {phase}" in lines[0]
+    assert f"({key}) on rank 0: stuck rank(s) [0] -- rank 0: {phase}" in lines[0]
