@@ -65,7 +65,7 @@ def test_the_helper_dies_with_a_killed_parent(tmp_path):
     script.write_text(CHILD)
     out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, check=False)
     helper = int(out.stdout.split()[0])
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 60  # a bound on failure only: beside busy cores an exit can take seconds
     while Path(f"/proc/{helper}").exists() and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not Path(f"/proc/{helper}").exists()

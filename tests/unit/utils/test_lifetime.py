@@ -13,7 +13,8 @@ pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="pa
 
 # The way a rank dies during a megatron-core checkpoint save: the parent forks a writer, prints its pid, waits in
 # JoinableQueue.join() and is SIGKILLed there; the writer then calls task_done() (without the hook it blocks in
-# Condition.notify_all for ever, waiting for the dead parent).
+# Condition.notify_all for ever, waiting for the dead parent). The writer waits for the parent's death rather than
+# for a fixed time, so that a busy machine cannot reorder the two.
 PARENT = """
 import multiprocessing as mp, os, signal, sys, threading, time
 from elas_megatron.utils.lifetime import forked_children_die_with_this_process
@@ -23,16 +24,17 @@ ctx = mp.get_context("fork")
 done = ctx.JoinableQueue()
 done.put(0)
 
-def writer():
+def writer(parent):
     done.get()
-    time.sleep(1.0)       # the parent is killed meanwhile
+    while os.getppid() == parent:  # wait for the parent's death (with the hook, this child dies with it)
+        time.sleep(0.05)
     done.task_done()      # the last task: notify_all waits for the dead parent to acknowledge
     print("task_done returned", flush=True)
 
-child = ctx.Process(target=writer)
+child = ctx.Process(target=writer, args=(os.getpid(),))
 child.start()
 print(child.pid, flush=True)
-threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGKILL)).start()
+threading.Timer(2.0, os.kill, (os.getpid(), signal.SIGKILL)).start()  # the main thread is in join() by then
 done.join()
 """
 
