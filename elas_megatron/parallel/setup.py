@@ -156,8 +156,8 @@ def _init_process_group(dev: torch.device, parallel: ParallelConfig, board: Prog
         if missing:
             raise RuntimeError(
                 f"distributed initialisation failed on global rank {board.global_rank} of {board.world_size} after "
-                f"waiting up to {key}={limit_s} (the start-up limit: the longer of the I/O and collective limits): rank(s) "
-                f"{missing} never joined (check that their processes started and can reach "
+                f"waiting up to {key}={limit_s} (the start-up limit: the longer of the I/O and collective limits): "
+                f"rank(s) {missing} never joined (check that their processes started and can reach "
                 f"MASTER_ADDR={os.environ.get('MASTER_ADDR')})")
     dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo",
                             timeout=timedelta(seconds=parallel.distributed_timeout_s),

@@ -58,9 +58,8 @@ def test_initialisation_timeout_names_the_rank_that_never_joined(tmp_path):
     cmd = TORCHRUN + ["--nproc-per-node", "2", str(script), "900", "3"]
     err = run(cmd, tmp_path / "init", timeout_s=600).stderr
     assert ("rank 0: distributed initialisation failed on global rank 0 of 2 after waiting up to "
-            "parallel.io_timeout_s=3 (the start-up limit: the longer of the I/O and collective limits): rank(s) [1] "
-            "never joined"
-            ) in err, err[-3000:]
+            "parallel.io_timeout_s=3 (the start-up limit: the longer of the I/O and collective limits): "
+            "rank(s) [1] never joined") in err, err[-3000:]
 
 
 @pytest.mark.distributed
