@@ -149,13 +149,13 @@ class ParallelConfig:
     """Activation checkpointing: none; full = whole transformer layers; selective = megatron's core-attention
     recompute; ffn = only the FFN (the largest activations of cola/elas)."""
     distributed_timeout_s: int = 600
-    """Seconds a rank may wait for the others in a collective, and the watchdog's limit that stops the run naming
-    the stuck rank(s) when a rank makes no progress this long in a training step."""
+    """The limit for training steps: the watchdog stops the run naming the stuck rank(s) when a rank makes no
+    progress this long in a step, and collectives in steps time out just after it (docs/reliability.md)."""
     io_timeout_s: int = 3600
-    """The limit for checkpoint saves: a rank that stays this long in one is a hang. Start-up phases (waiting for
-    every rank to start, under torchrun; run directory, model build, dataset index build, checkpoint load) are
-    timed with this or ``distributed_timeout_s``, whichever is longer, so that neither, set short to catch a
-    stall quickly, fails a slow start."""
+    """The limit for checkpoint saves: a rank that stays this long in one is a hang (their collectives wait as
+    long). Start-up phases (waiting for every rank to start, under torchrun; run directory, model build, dataset
+    index build, checkpoint load) and their collectives are timed with this or ``distributed_timeout_s``, whichever
+    is longer, so that neither, set short to catch a stall quickly, fails a slow start."""
     straggler_check_every: int = 50
     """Multi-process runs: every N steps the ranks compare their compute time per step (one all_gather of a
     float); rank 0 logs a warning naming the slowest rank(s) when one is > 1.2x the median. 0 = off."""

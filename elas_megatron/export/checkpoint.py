@@ -58,7 +58,8 @@ def single_process_config(cfg: Config, *, device: str = "cpu") -> Config:
     The layer spec becomes megatron's local one: Transformer Engine checkpoints use the same tensor names
     (docs/model.md), so a TE-trained run exports and evaluates without Transformer Engine.
     """
-    parallel = ParallelConfig(distributed_timeout_s=cfg.parallel.distributed_timeout_s)
+    parallel = ParallelConfig(distributed_timeout_s=cfg.parallel.distributed_timeout_s,
+                              io_timeout_s=cfg.parallel.io_timeout_s)
     train = dataclasses.replace(cfg.train, device=device, dtype="fp32")
     model = dataclasses.replace(cfg.model, spec="local")
     return dataclasses.replace(cfg, model=model, parallel=parallel, train=train)

@@ -4,15 +4,19 @@ Reads the usual torchrun environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/
 is a world of one. NCCL on CUDA, gloo on CPU (with the :mod:`elas_megatron.compat.cpu` workarounds).
 Megatron-Core's ``parallel_state`` is the one piece of global state we keep, because Megatron requires it.
 
-Timeouts: ``parallel.distributed_timeout_s`` bounds every collective. Under torchrun each rank also holds a
-:class:`ProgressBoard` -- a client of the agent's key-value store, which lives outside the workers -- where it
-checks in and waits for every rank before initialisation, for up to the start-up limit
-(:func:`~elas_megatron.config.schema.start_up_limit`: the longer of ``parallel.io_timeout_s`` and
-``parallel.distributed_timeout_s``): ranks start at different times (imports from a shared file system, a busy
-node), and neither a short collective timeout, chosen to catch hangs in training, nor a short I/O limit, chosen to
-catch stalled saves, must fail a slow start. A rank that never checks in is named (torch alone only says which
-store keys it waited for). The training watchdog
-(:class:`elas_megatron.training.watchdog.Watchdog`) later posts its progress there.
+Timeouts: collectives time out as the training watchdog times the phase they run in. Process groups are created
+with the start-up limit (:func:`~elas_megatron.config.schema.start_up_limit`: the longer of ``parallel.io_timeout_s``
+and ``parallel.distributed_timeout_s``); the trainer then sets every group to its phase's limit, plus the
+watchdog's margin (:func:`set_collective_timeout`, ``Watchdog.collective_timeout``): ``distributed_timeout_s`` in
+training steps, ``io_timeout_s`` in checkpoint saves.
+Why: ranks start at different times (imports from a shared file system, a busy node, one rank building the
+dataset index) and wait for each other in start-up collectives (model build, optimizer set-up); neither a short
+collective timeout, chosen to catch hangs in training, nor a short I/O limit, chosen to catch stalled saves, must
+fail a slow start. Under torchrun each rank also holds a :class:`ProgressBoard` -- a client of the agent's
+key-value store, which lives outside the workers -- where it checks in and waits for every rank before
+initialisation, for up to the start-up limit. A rank that never checks in is named (torch alone only says which
+store keys it waited for). The training watchdog (:class:`elas_megatron.training.watchdog.Watchdog`) later posts
+its progress there.
 """
 from __future__ import annotations
 
@@ -150,8 +154,8 @@ class ProgressBoard:
 
 
 def _init_process_group(dev: torch.device, parallel: ParallelConfig, board: ProgressBoard | None, **kwargs) -> None:
+    limit_s, key = start_up_limit(parallel.distributed_timeout_s, parallel.io_timeout_s)
     if board is not None:
-        limit_s, key = start_up_limit(parallel.distributed_timeout_s, parallel.io_timeout_s)
         missing = board.check_in_and_wait(limit_s)
         if missing:
             raise RuntimeError(
@@ -160,7 +164,7 @@ def _init_process_group(dev: torch.device, parallel: ParallelConfig, board: Prog
                 f"rank(s) {missing} never joined (check that their processes started and can reach "
                 f"MASTER_ADDR={os.environ.get('MASTER_ADDR')})")
     dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo",
-                            timeout=timedelta(seconds=parallel.distributed_timeout_s),
+                            timeout=timedelta(seconds=limit_s),
                             device_id=dev if dev.type == "cuda" else None, **kwargs)
 
 
@@ -202,7 +206,8 @@ def initialize_parallel(parallel: ParallelConfig, *, seed: int, device: str = "a
         tensor_model_parallel_size=parallel.tp,
         pipeline_model_parallel_size=parallel.pp,
         virtual_pipeline_model_parallel_size=parallel.vpp,
-        distributed_timeout_minutes=max(1, parallel.distributed_timeout_s // 60),
+        # start-up, as the world (megatron takes minutes: a float keeps the seconds)
+        distributed_timeout_minutes=start_up_limit(parallel.distributed_timeout_s, parallel.io_timeout_s)[0] / 60,
     )
     torch.manual_seed(seed)
     model_parallel_cuda_manual_seed(seed)
@@ -215,6 +220,20 @@ def initialize_parallel(parallel: ParallelConfig, *, seed: int, device: str = "a
         device=dev, board=board)
     logger.debug("parallel layout: %s", info)
     return info
+
+
+def set_collective_timeout(seconds: float) -> None:
+    """From now on, collectives of every process group of this process -- the world, megatron-core's, any other
+    library's (DeepSpeed's) -- time out after ``seconds``. Local: no rank waits for another.
+
+    Uses torch's ``_set_pg_timeout`` (private; megatron-core's ``parallel_state.update_pg_timeout`` uses it too, but
+    only for megatron's own groups and after a world barrier, which a per-rank phase change must not need).
+    """
+    if not dist.is_initialized():
+        return
+    timeout = timedelta(seconds=seconds)
+    for group in list(dist.distributed_c10d._world.pg_map):
+        dist.distributed_c10d._set_pg_timeout(timeout, group)
 
 
 def rank_errors(error: str | None) -> list[tuple[int, str]]:

@@ -33,7 +33,7 @@ import torch.distributed as dist
 from elas_megatron.config.loader import config_to_dict, dump_config
 from elas_megatron.config.schema import Config, ConfigError, validate
 from elas_megatron.data.loader import StepBatches
-from elas_megatron.parallel.setup import ParallelInfo, first_rank_error, initialize_parallel
+from elas_megatron.parallel.setup import ParallelInfo, first_rank_error, initialize_parallel, set_collective_timeout
 from elas_megatron.training.callbacks import Callback, CallbackList
 from elas_megatron.training.checkpoint import (RNG_KEY, CheckpointError, CheckpointManager, get_rng_state,
                                                 rng_sharded_object, set_rng_state)
@@ -45,7 +45,7 @@ from elas_megatron.training.run_dir import prepare_run_dir
 from elas_megatron.training.signals import StopSignal
 from elas_megatron.training.stragglers import ComputeTimer, StragglerCheck
 from elas_megatron.training.sinks import build_sinks, check_sinks
-from elas_megatron.training.watchdog import Progress, Watchdog
+from elas_megatron.training.watchdog import Limit, Progress, Watchdog
 from elas_megatron.utils.errors import DataError
 from elas_megatron.utils.interrupts import Interrupted
 from elas_megatron.utils.progress import ProgressMeter
@@ -85,7 +85,8 @@ class Trainer:
 
     def __init__(self, cfg: Config, *, resume: bool = False, datasets: tuple | None = None,
                  callbacks: tuple[Callback, ...] | list[Callback] = (), weight_init: str = "exact") -> None:
-        self.progress = Progress()  # where this rank is: start-up phases here, then steps (the watchdog reads it)
+        # where this rank is: start-up phases here, then steps (the watchdog reads it; collectives follow its limits)
+        self.progress = Progress(on_limit=self._set_collective_limit)
         self.watchdog: Watchdog | None = None  # created once the process group exists
         try:
             self._build(cfg, resume=resume, datasets=datasets, callbacks=callbacks, weight_init=weight_init)
@@ -98,6 +99,13 @@ class Trainer:
 
     def _starting(self, phase: str) -> None:
         self.progress.update(0, f"start-up: {phase}", limit="start-up")
+
+    def _set_collective_limit(self, kind: Limit) -> None:
+        """Collectives time out as the watchdog times the phase they run in, just after it
+        (:meth:`Watchdog.collective_timeout`): one in a save waits for a slow disk as long as the watchdog does, one
+        in a step no longer (:mod:`elas_megatron.parallel.setup`)."""
+        if self.watchdog is not None:  # created right after the process groups
+            set_collective_timeout(self.watchdog.collective_timeout(kind))
 
     @contextmanager
     def _watched(self):
@@ -125,6 +133,7 @@ class Trainer:
         # every rank, one process too: start-up phases, steps and checkpoint saves/loads are timed from here on
         self.watchdog = Watchdog(self.progress, timeout_s=p.distributed_timeout_s, io_timeout_s=p.io_timeout_s,
                                  board=self.info.board, global_rank=self.info.global_rank)
+        self._set_collective_limit(self.progress.limit)  # the start-up limit, now with the watchdog's margin
         self.watchdog.start()
         self.stragglers = StragglerCheck(p.straggler_check_every, device=self.info.device,
                                          world_size=self.info.world_size, global_rank=self.info.global_rank)
@@ -200,6 +209,8 @@ class Trainer:
             # first checkpoint) are superseded (metrics.read_metrics)
             self.metrics.log_resume(step=self.step, checkpoint=None)
         self._starting("before the first step")
+        if self.info.world_size > 1:  # start-up ends on every rank together: no rank's first step (timed with the
+            dist.barrier()            # collective limit) waits for another rank still starting
 
     # ----------------------------------------------------------------------------------------------- build
     def _resolve_vocab_size(self, have_datasets: bool) -> int:

@@ -22,7 +22,7 @@ from typing import Literal, Self
 
 from elas_megatron.config.schema import start_up_limit
 
-__all__ = ["EXIT_HANG", "Progress", "Watchdog", "diagnose_hang"]
+__all__ = ["EXIT_HANG", "Limit", "Progress", "Watchdog", "diagnose_hang"]
 
 logger = logging.getLogger(__name__)
 
@@ -38,17 +38,23 @@ Limit = Literal["collective", "io", "start-up"]
 class Progress:
     """Where this rank is: (step, phase) and when it got there. Updating it is a few attribute writes."""
 
-    def __init__(self) -> None:
+    def __init__(self, on_limit: Callable[[Limit], None] | None = None) -> None:
+        """``on_limit``: called with the new :data:`Limit` whenever a phase is timed by another limit than the last
+        (the trainer sets the process groups' collective timeout from it)."""
         self.step = 0
         self.phase = "start"
         self.since = time.monotonic()
         self.watched = True
         self.limit: Limit = "collective"
+        self.on_limit = on_limit
 
     def update(self, step: int, phase: str, watched: bool = True, limit: Limit = "collective") -> None:
         """``limit``: which of the watchdog's limits times this phase (:data:`Limit`); ``watched=False`` for
         phases it must not time at all."""
+        changed = limit != self.limit
         self.step, self.phase, self.watched, self.limit, self.since = step, phase, watched, limit, time.monotonic()
+        if changed and self.on_limit is not None:
+            self.on_limit(limit)
 
 
 def _main_thread_location() -> tuple[bool, str]:
@@ -163,13 +169,22 @@ class Watchdog:
         return {"step": p.step, "phase": p.phase, "idle_s": time.monotonic() - p.since, "wall": time.time(),
                 "in_collective": in_collective, "where": where}
 
-    def limit(self) -> tuple[float, str]:
-        """(seconds, config key) of the limit for the phase the rank is in now."""
-        if self.progress.limit == "start-up":
+    def limit(self, kind: Limit | None = None) -> tuple[float, str]:
+        """(seconds, config key) of the limit ``kind`` (default: the one of the phase the rank is in now)."""
+        kind = kind or self.progress.limit
+        if kind == "start-up":
             return start_up_limit(self.timeout_s, self.io_timeout_s)
-        if self.progress.limit == "io":
+        if kind == "io":
             return self.io_timeout_s, "parallel.io_timeout_s"
         return self.timeout_s, "parallel.distributed_timeout_s"
+
+    def collective_timeout(self, kind: Limit | None = None) -> float:
+        """Seconds after which a collective should time out in phases timed by ``kind`` (default: the current
+        phase's): the limit, plus twice what the watchdog may take past it -- a poll to notice, then settling with
+        the other ranks (:meth:`_settle`). Why later than the limit: the watchdog names the stuck rank and ends
+        every rank; a collective that times out first only says "Timed out waiting 8000ms for recv operation" on
+        the ranks that waited (with the limit itself as timeout, a rank waiting on a hung one lost that race)."""
+        return self.limit(kind)[0] + 2 * (3 * self.poll_s + 2.0)
 
     def _run(self, stop: threading.Event) -> None:
         while not stop.wait(self.poll_s):

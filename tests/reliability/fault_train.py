@@ -1,8 +1,8 @@
 """``elas-train`` with the faults of ``$ELAS_TEST_FAULTS`` injected (:class:`faults.FaultInjector`).
 
 Takes elas-train's arguments; ``reliability_runs.launch(..., faults=spec)`` runs it (also under torchrun).
-``$ELAS_TEST_SLOW_START=PHASE:FILE`` also stalls start-up (:func:`faults.slow_startup`; PHASE ``datasets`` or
-``checkpoint_load``), creating FILE when the stall begins.
+``$ELAS_TEST_SLOW_START=PHASE:FILE[:SECONDS][:rank=R]`` also stalls start-up (:func:`faults.slow_startup`; PHASE
+``datasets`` or ``checkpoint_load``), creating FILE when the stall begins.
 """
 from __future__ import annotations
 

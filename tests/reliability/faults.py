@@ -153,14 +153,17 @@ class FaultInjector(Callback):
 SLOW_START_ENV = "ELAS_TEST_SLOW_START"
 
 
-def slow_startup(phase: str, marker: str, seconds: float = 900.0) -> None:
-    """Stall start-up for ``seconds`` (interruptible: a plain ``time.sleep``), creating the file ``marker`` when
-    the stall begins (``marker.RANK``), in ``phase``:
+def slow_startup(phase: str, marker: str, seconds: float = 900.0, rank: int | None = None) -> None:
+    """Stall start-up for ``seconds`` (interruptible: a plain ``time.sleep``), on global rank ``rank`` (default:
+    every rank), creating the file ``marker`` when the stall begins (``marker.RANK``), in ``phase``:
 
     * ``datasets`` -- right after the dataset index cache was written, while its build still holds the cache lock
       (a stop signal there must leave no files of the build behind);
     * ``checkpoint_load`` -- at the start of loading the checkpoint of ``--resume``.
     """
+    if rank is not None and int(os.environ.get("RANK", "0")) != rank:
+        return
+
     def stall() -> None:
         Path(f"{marker}.{os.environ.get('RANK', '0')}").touch()
         time.sleep(seconds)
@@ -197,7 +200,10 @@ def slow_startup(phase: str, marker: str, seconds: float = 900.0) -> None:
 
 
 def slow_startup_from_env() -> None:
+    """``$ELAS_TEST_SLOW_START`` = ``PHASE:FILE[:SECONDS][:rank=R]`` (see :func:`slow_startup`)."""
     spec = os.environ.get(SLOW_START_ENV, "").strip()
     if spec:
-        phase, _, marker = spec.partition(":")
-        slow_startup(phase, marker)
+        phase, marker, *opts = spec.split(":")
+        rank = next((int(o[5:]) for o in opts if o.startswith("rank=")), None)
+        seconds = next((float(o) for o in opts if not o.startswith("rank=")), 900.0)
+        slow_startup(phase, marker, seconds, rank)

@@ -23,10 +23,15 @@ def _hang_lines_of_both_ranks(result) -> dict[str, str]:
 
 @pytest.mark.distributed
 def test_a_stuck_rank_is_named_by_every_rank(tmp_path):
+    """Rank 1 starts 12 s behind rank 0 (it stalls after building the datasets; on busy cores ranks drift that far
+    apart): start-up collectives wait for it past the 8-s collective limit, under the start-up limit (the I/O
+    limit's default here). Then rank 1 hangs in step 3, and the collective limit ends the job again."""
     # no wall-clock bound: start-up beside busy cores takes minutes; the lines below prove who ended the run
     result = launch(tmp_path / "run", "train.steps=6", "checkpoint.save_final=false",
-                    "parallel.distributed_timeout_s=8", faults="hang@3:rank=1", timeout_s=600)
+                    "parallel.distributed_timeout_s=8", faults="hang@3:rank=1", timeout_s=600,
+                    env={SLOW_START_ENV: f"datasets:{tmp_path / 'late'}:12:rank=1"})
     assert result.returncode != 0
+    assert (tmp_path / "late.1").exists() and not (tmp_path / "late.0").exists()
     lines = _hang_lines_of_both_ranks(result)
     for line in lines.values():
         assert "parallel.distributed_timeout_s=8" in line

@@ -74,6 +74,26 @@ def test_each_phase_is_timed_with_its_limit():
         assert dog.limit() == want, kind
 
 
+def test_a_change_of_limit_is_announced_once():
+    """The trainer sets the process groups' collective timeout from these calls: once per change, not per step."""
+    seen = []
+    progress = Progress(on_limit=seen.append)
+    for kind in ["collective", "start-up", "start-up", "collective", "collective", "io", "collective"]:
+        progress.update(1, "a phase", limit=kind)
+    assert seen == ["start-up", "collective", "io", "collective"]
+
+
+@pytest.mark.parametrize("timeout_s, io_timeout_s", [(8, 3600), (600, 3600), (120, 20), (0.5, 0.5)])
+def test_collectives_time_out_after_the_watchdog_has_ended_the_job(timeout_s, io_timeout_s):
+    """A collective's timeout in each phase is past the moment the watchdog at the latest ends the job: its limit,
+    one poll to notice, the settling wait (2 polls + 2 s)."""
+    dog = Watchdog(Progress(), timeout_s=timeout_s, io_timeout_s=io_timeout_s, board=None, global_rank=0)
+    for kind in ("collective", "io", "start-up"):
+        latest_end = dog.limit(kind)[0] + dog.poll_s + (2 * dog.poll_s + 2.0)
+        assert latest_end + 2.0 < dog.collective_timeout(kind) <= 2 * latest_end, kind
+    assert dog.collective_timeout() == dog.collective_timeout("collective")
+
+
 def test_a_save_past_the_io_limit_fires_naming_it():
     progress, fired = Progress(), []
     with Watchdog(progress, timeout_s=600, io_timeout_s=0.5, board=None, global_rank=0, on_hang=fired.append):
