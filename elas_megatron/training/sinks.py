@@ -82,10 +82,24 @@ def _require(module: str, extra: str, key: str) -> None:
 class TensorBoardSink(MetricSink):
     """TensorBoard scalars in ``log_dir`` (torch.utils.tensorboard's SummaryWriter). The writer opens at the first
     value; after :meth:`resume` it opens with ``purge_step`` so that TensorBoard drops the values an interrupted run
-    wrote for the steps after the checkpoint, and a resumed run has one value per step."""
+    wrote for the steps after the checkpoint, and a resumed run has one value per step.
+
+    A write only queues the values: the writer's own thread writes them and flushes the file every
+    :attr:`FLUSH_S` seconds, and :meth:`close` flushes the rest. Why not flush at each write: ``flush`` waits for
+    that thread, inside the training step, where every other rank waits in a collective for this one; beside two
+    CPU hogs that wait took over 8 s, and the watchdog took it for a hang. The package is imported at construction
+    (start-up) for the same reason: importing it takes seconds on a busy node."""
+
+    FLUSH_S = 10
+    """TensorBoard shows a value at most this long after its step (metrics.jsonl at once)."""
+    MAX_QUEUE = 1000
+    """Values queued before a write waits for the writer's thread (about 80 steps of records)."""
 
     def __init__(self, log_dir: str | Path) -> None:
         _require("tensorboard", "tensorboard", "log.tensorboard")
+        from torch.utils.tensorboard import SummaryWriter
+
+        self._writer_class = SummaryWriter
         self.log_dir = Path(log_dir)
         self._writer = None
         self._purge_step: int | None = None
@@ -96,12 +110,10 @@ class TensorBoardSink(MetricSink):
 
     def write(self, step: int, scalars: dict[str, float]) -> None:
         if self._writer is None:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self._writer = SummaryWriter(str(self.log_dir), purge_step=self._purge_step)
+            self._writer = self._writer_class(str(self.log_dir), purge_step=self._purge_step,
+                                              max_queue=self.MAX_QUEUE, flush_secs=self.FLUSH_S)
         for name, value in scalars.items():
             self._writer.add_scalar(name, value, step)
-        self._writer.flush()
 
     def close(self) -> None:
         if self._writer is not None:

@@ -16,10 +16,49 @@ import torch
 import tiny_trainer
 
 from elas_megatron.training.metrics import MetricsLogger, read_metrics
-from elas_megatron.training.sinks import WANDB_STATE, MetricSink, WandbSink, resolve_wandb_mode, sink_scalars
+from elas_megatron.training.sinks import (WANDB_STATE, MetricSink, TensorBoardSink, WandbSink, resolve_wandb_mode,
+                                          sink_scalars)
 from elas_megatron.utils.errors import ConfigError
 
 SMALL = tiny_trainer.SMALL
+
+
+class _StalledWriter:
+    """A SummaryWriter whose file is on a stalled disk: ``flush`` and ``close`` never return on their own."""
+
+    def __init__(self, log_dir, **kwargs):
+        import threading
+
+        self.kwargs, self.scalars, self.disk = kwargs, [], threading.Event()
+
+    def add_scalar(self, name, value, step):
+        self.scalars.append((step, name, value))
+
+    def flush(self):
+        self.disk.wait()
+
+    close = flush
+
+
+def test_a_tensorboard_write_does_not_wait_for_the_file(tmp_path):
+    """Values are queued; the writer's thread flushes them on its own every FLUSH_S seconds, and at close (the
+    trainer's end). A write that waited for the file would stall the step while the other ranks wait."""
+    import threading
+
+    pytest.importorskip("tensorboard")
+    sink = TensorBoardSink(tmp_path)
+    sink._writer_class = _StalledWriter
+    done = threading.Thread(target=lambda: [sink.write(step, {"loss/train": 1.0 / step}) for step in (1, 2)],
+                            daemon=True)
+    done.start()
+    done.join(timeout=60)  # a failure bound: a write that waits for the stalled disk never returns
+    assert not done.is_alive(), "TensorBoardSink.write waited for the file"
+    writer = sink._writer
+    assert writer.scalars == [(1, "loss/train", 1.0), (2, "loss/train", 0.5)]
+    assert writer.kwargs["flush_secs"] == TensorBoardSink.FLUSH_S <= 30
+    assert writer.kwargs["max_queue"] >= 10 * len(sink_scalars({"loss": 1, "lr": 1, "grad_norm": 1, "mfu": 1}))
+    writer.disk.set()
+    sink.close()
 
 
 @pytest.fixture
