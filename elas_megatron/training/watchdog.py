@@ -134,6 +134,7 @@ class Watchdog:
         self.global_rank = global_rank
         self.on_hang = on_hang
         self.poll_s = max(0.2, min(5.0, min(timeout_s, self.io_timeout_s) / 10))
+        self.settle_s = 2 * self.poll_s + 2.0  # the longest wait for the other ranks' diagnoses (_settle)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -184,7 +185,7 @@ class Watchdog:
         the other ranks (:meth:`_settle`). Why later than the limit: the watchdog names the stuck rank and ends
         every rank; a collective that times out first only says "Timed out waiting 8000ms for recv operation" on
         the ranks that waited (with the limit itself as timeout, a rank waiting on a hung one lost that race)."""
-        return self.limit(kind)[0] + 2 * (3 * self.poll_s + 2.0)
+        return self.limit(kind)[0] + 2 * (self.poll_s + self.settle_s)
 
     def _run(self, stop: threading.Event) -> None:
         while not stop.wait(self.poll_s):
@@ -209,14 +210,14 @@ class Watchdog:
         Why: the first rank to exit closes its connections; a rank still waiting in a collective would then fail
         with a connection error instead of naming the stuck rank. Every rank's watchdog sees the declaration at
         its next poll and diagnoses at once (its own timeout not yet reached); ranks too frozen to answer, or
-        dead, are waited for only ``2 * poll + 2`` seconds.
+        dead, are waited for only ``settle_s`` (``2 * poll + 2`` seconds).
         """
         if self.board is None:
             return
         try:
             self.board.declare_hang()
             self.board.acknowledge_hang()
-            deadline = time.monotonic() + 2 * self.poll_s + 2.0
+            deadline = time.monotonic() + self.settle_s
             while self.board.hang_acks() < self.board.world_size and time.monotonic() < deadline:
                 time.sleep(0.05)
         except (RuntimeError, OSError) as exc:

@@ -24,6 +24,12 @@ logger = logging.getLogger(__name__)
 FAULTS_ENV = "ELAS_TEST_FAULTS"
 
 
+def _rank_and_arg(opts: list[str]) -> tuple[int | None, str | None]:
+    """The ``rank=R`` option (None: every rank) and the first other option (None: none) of a ``:``-split spec."""
+    rank = next((int(o[5:]) for o in opts if o.startswith("rank=")), None)
+    return rank, next((o for o in opts if not o.startswith("rank=")), None)
+
+
 @dataclass(frozen=True)
 class Fault:
     kind: str
@@ -64,8 +70,7 @@ class FaultInjector(Callback):
         for item in spec.split(","):
             head, *opts = item.strip().split(":")
             kind, _, step = head.partition("@")
-            rank = next((int(o[5:]) for o in opts if o.startswith("rank=")), None)
-            arg = next((o for o in opts if not o.startswith("rank=")), None)
+            rank, arg = _rank_and_arg(opts)
             if kind not in cls.KINDS or not step.isdigit():
                 raise ValueError(f"bad fault {item!r}; write KIND@STEP[:rank=R][:ARG], KIND one of "
                                  f"{', '.join(cls.KINDS)}")
@@ -204,6 +209,5 @@ def slow_startup_from_env() -> None:
     spec = os.environ.get(SLOW_START_ENV, "").strip()
     if spec:
         phase, marker, *opts = spec.split(":")
-        rank = next((int(o[5:]) for o in opts if o.startswith("rank=")), None)
-        seconds = next((float(o) for o in opts if not o.startswith("rank=")), 900.0)
-        slow_startup(phase, marker, seconds, rank)
+        rank, seconds = _rank_and_arg(opts)
+        slow_startup(phase, marker, float(seconds or 900.0), rank)

@@ -38,9 +38,9 @@ def test_every_process_group_follows_the_phase(tmp_path):
     from elas_megatron.parallel.setup import destroy_parallel
     from elas_megatron.training.trainer import Trainer
 
-    cfg = load_config(None, tiny_trainer.SMALL + [f"train.run_dir={tmp_path / 'run'}", "train.steps=2", "train.device=cpu",
-                                                  "parallel.distributed_timeout_s=30", "parallel.io_timeout_s=90"],
-                      world_size=1)
+    overrides = [f"train.run_dir={tmp_path / 'run'}", "train.steps=2", "train.device=cpu",
+                 "parallel.distributed_timeout_s=30", "parallel.io_timeout_s=90"]
+    cfg = load_config(None, tiny_trainer.SMALL + overrides, world_size=1)
     recorder = TimeoutRecorder()
     try:
         trainer = Trainer(cfg, datasets=(tiny_trainer.tokens(), tiny_trainer.tokens()), callbacks=[recorder])
