@@ -29,7 +29,11 @@ class PrintComparisons(Callback):
         last = trainer.stragglers.last
         if last is not None and last is not self._printed:
             self._printed = last
-            print(f"{PREFIX} rank {trainer.info.global_rank} step {trainer.step} {json.dumps(last)}", flush=True)
+            # One write with its newline: the ranks share one stdout file and run unbuffered (torchrun's `python
+            # -u`), where print() writes the text and the newline separately, so the other rank's line could land
+            # between them (seen: two comparisons on one line).
+            sys.stdout.write(f"{PREFIX} rank {trainer.info.global_rank} step {trainer.step} {json.dumps(last)}\n")
+            sys.stdout.flush()
 
     def on_step_begin(self, trainer, step: int) -> None:
         self._print_new(trainer)
