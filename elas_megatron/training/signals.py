@@ -5,8 +5,10 @@ SLURM sends SIGTERM when it preempts a job (and SIGKILL after the partition's gr
 for with ``--signal=USR1@SECONDS`` before the time limit; torchrun forwards both to its workers when launched by
 ``launch/torchrun.sh`` (``--signals-to-handle``, ``--shutdown-timeout``). The handler only records the signal:
 saving from inside a signal handler would interrupt a collective half-way. The trainer polls
-:meth:`StopSignal.should_stop` once per step; it all-reduces the flag (MAX) over every rank, so all ranks agree to
-stop after the same step even when the signal reached only some of them (or reached them between two steps).
+:meth:`StopSignal.should_stop` once per step; it all-reduces the signal number (MAX, 0 for none) over every rank, so
+all ranks agree to stop after the same step even when the signal reached only some of them (or reached them between
+two steps), and a rank that received none can still say which signal stopped the job: torchrun forwards a signal to
+each rank a few milliseconds apart, so rank 0, which prints the run's last line, is often not the first to have it.
 The requeued job then starts with ``--resume`` and continues from that checkpoint.
 """
 from __future__ import annotations
@@ -38,8 +40,8 @@ class StopSignal:
 
     Attributes:
         received: name of the first signal this process received, or None.
-        reason: after :meth:`should_stop` returned True: which signal, e.g. ``"SIGTERM"`` (``"signal on another
-            rank"`` when this rank received none).
+        reason: after :meth:`should_stop` returned True: which signal, e.g. ``"SIGTERM"``; ``"SIGUSR1 on another
+            rank"`` when this rank received none (the highest-numbered signal of the ranks that did).
     """
 
     def __init__(self, signals: Sequence[str] = DEFAULT_SIGNALS, *, group: dist.ProcessGroup | None = None,
@@ -101,14 +103,14 @@ class StopSignal:
         self._calls += 1
         if self._calls % self.check_every != 0:
             return False
-        local = self.received is not None
+        received = self.received  # read once: a signal may arrive during the all-reduce
+        signum = signal.Signals[received].value if received else 0
         if dist.is_available() and dist.is_initialized() and dist.get_world_size(self.group) > 1:
-            flag = torch.tensor([1 if local else 0], dtype=torch.int32, device=self._device())
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
-            stop = bool(flag.item())
-        else:
-            stop = local
-        if stop:
-            self.reason = self.received or "signal on another rank"
-            logger.warning("stop requested (%s): saving a checkpoint and exiting", self.reason)
-        return stop
+            agreed = torch.tensor([signum], dtype=torch.int32, device=self._device())
+            dist.all_reduce(agreed, op=dist.ReduceOp.MAX, group=self.group)
+            signum = int(agreed.item())
+        if not signum:
+            return False
+        self.reason = received or f"{signal.Signals(signum).name} on another rank"
+        logger.warning("stop requested (%s): saving a checkpoint and exiting", self.reason)
+        return True

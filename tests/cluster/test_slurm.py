@@ -141,6 +141,8 @@ def test_time_limit_then_preemptions_requeue_and_resume_exactly(slurm, reference
     wait_requeued(slurm, job, 1, "TimeLimit=10")         # the next attempts must not meet the limit again
     text = output(run_dir, job)
     assert "SIGUSR1 received: forwarding SIGUSR1 to the workers" in text, text[-3000:]
+    # rank 0 prints the line: "stopped by SIGUSR1 after step S", or "... SIGUSR1 on another rank ..." when its own
+    # agent forwarded the signal after rank 1's did and the ranks agreed to stop before it arrived
     assert "stopped by SIGUSR1" in text and f"requeueing job {job}" in text
     stopped = logged_steps(run_dir)
     assert 0 < stopped < STEPS

@@ -43,13 +43,13 @@ _WORKER = textwrap.dedent("""
     import json, os, signal, sys
     import torch.distributed as dist
     from elas_megatron.training.signals import StopSignal
-    rank = int(sys.argv[1])
+    rank, sent = int(sys.argv[1]), sys.argv[3]    # sent: the signal this rank gets in "step 3", or "-"
     dist.init_process_group("gloo", init_method="tcp://127.0.0.1:" + sys.argv[2], rank=rank, world_size=2)
     stop = StopSignal()
     stopped_at = None
     for step in range(6):
-        if rank == 1 and step == 3:
-            os.kill(os.getpid(), signal.SIGUSR1)     # only rank 1 is signalled, in the middle of "step 3"
+        if step == 3 and sent != "-":
+            os.kill(os.getpid(), signal.Signals[sent])
         if stop.should_stop():
             stopped_at = step
             break
@@ -58,17 +58,21 @@ _WORKER = textwrap.dedent("""
 """)
 
 
-def test_two_ranks_stop_at_the_same_step_when_only_one_is_signalled():
+@pytest.mark.parametrize(("sent", "reasons"), [
+    (["-", "SIGUSR1"], ["SIGUSR1 on another rank", "SIGUSR1"]),  # rank 0, which prints the last line, names it
+    (["SIGTERM", "SIGUSR1"], ["SIGTERM", "SIGUSR1"]),           # each rank names its own
+])
+def test_two_ranks_stop_at_the_same_step_and_name_the_signal(sent, reasons):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = str(s.getsockname()[1])
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    procs = [subprocess.Popen([sys.executable, "-c", _WORKER, str(rank), port], env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for rank in range(2)]
+    procs = [subprocess.Popen([sys.executable, "-c", _WORKER, str(rank), port, sent[rank]], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in range(2)]
     results = []
     for proc in procs:
         out, err = proc.communicate(timeout=120)
         assert proc.returncode == 0, err[-2000:]
         results.append(json.loads(out.strip().splitlines()[-1]))
     assert [r["stopped_at"] for r in results] == [3, 3]
-    assert [r["reason"] for r in results] == ["signal on another rank", "SIGUSR1"]
+    assert [r["reason"] for r in results] == reasons
